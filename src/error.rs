@@ -1,0 +1,97 @@
+//! The one error type of the crate.
+
+use core::fmt;
+
+/// Why a kernel refused its input. Nothing is written to any output or state
+/// when a function returns an error.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A shape with zero channels.
+    ZeroChannels,
+    /// `batch * spatial * channels` does not fit in `usize`.
+    ShapeOverflow {
+        /// Number of batch elements.
+        batch: usize,
+        /// Product of the spatial dimensions.
+        spatial: usize,
+        /// Number of channels.
+        channels: usize,
+    },
+    /// A slice does not have the length the shape asks for.
+    Length {
+        /// Which argument (`"x"`, `"y"`, `"mean"`, ...).
+        what: &'static str,
+        /// The length the shape implies.
+        expected: usize,
+        /// The length given.
+        actual: usize,
+    },
+    /// Statistics were asked of zero elements per channel.
+    EmptyBatch,
+    /// `epsilon` is negative, NaN or infinite.
+    Epsilon(f32),
+    /// A decay (or momentum) outside `[0, 1]`, or NaN.
+    Decay(f32),
+    /// A `Clamp` activation whose bounds are NaN or have `min > max`.
+    Clamp {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Error::ZeroChannels => f.write_str("shape has zero channels"),
+            Error::ShapeOverflow {
+                batch,
+                spatial,
+                channels,
+            } => write!(f, "shape {batch} x {spatial} x {channels} overflows usize"),
+            Error::Length {
+                what,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "`{what}` has length {actual}, the shape needs {expected}"
+            ),
+            Error::EmptyBatch => f.write_str("statistics of an empty batch (count 0)"),
+            Error::Epsilon(e) => write!(f, "epsilon {e} is not finite and >= 0"),
+            Error::Decay(d) => write!(f, "decay {d} is not in [0, 1]"),
+            Error::Clamp { min, max } => {
+                write!(
+                    f,
+                    "clamp bounds min {min}, max {max}: need min <= max, no NaN"
+                )
+            }
+        }
+    }
+}
+
+impl core::error::Error for Error {}
+
+/// `Err(Error::Length)` unless `actual == expected`.
+pub(crate) fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), Error> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(Error::Length {
+            what,
+            expected,
+            actual,
+        })
+    }
+}
+
+/// `Err(Error::Epsilon)` unless `eps` is finite and non-negative.
+pub(crate) fn check_epsilon(eps: f32) -> Result<(), Error> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Epsilon(eps))
+    }
+}

@@ -1,0 +1,235 @@
+//! The one narrow lane trait every kernel is written against.
+//!
+//! Each kernel in this crate is written once, generically over [`Lane`], and
+//! instantiated for `f32` (one lane: the scalar tail and the portable
+//! fallback) and for `wide`'s `f32x4`, `f32x8` and `f32x16`. The trait holds
+//! only what the kernels need, so that a new lane type is a few lines.
+//!
+//! Platform behaviour is `wide`'s, which is compile-time selected:
+//!
+//! | type | x86-64 default (SSE2) | `+avx,+fma` | `+avx512f` | aarch64 | elsewhere |
+//! |---|---|---|---|---|---|
+//! | `f32x4` | one `__m128` | one `__m128` | one `__m128` | one NEON `float32x4_t` | four scalars |
+//! | `f32x8` | two `__m128` | one `__m256` | one `__m256` | two NEON registers | eight scalars |
+//! | `f32x16` | four `__m128` | two `__m256` | one `__m512` | four NEON registers | sixteen scalars |
+//!
+//! `mul_add` is a fused multiply-add (one rounding) where the target has FMA
+//! (`+fma` on x86, always on aarch64) and a multiply then an add (two
+//! roundings) elsewhere; the error bounds in DESIGN §3 allow for both.
+
+use wide::{f32x16, f32x4, f32x8};
+
+/// A vector of `WIDTH` independent `f32` lanes.
+///
+/// Loads and stores are unaligned, so kernels accept any `&[f32]`, including
+/// sub-slices that start at an odd address.
+pub(crate) trait Lane: Copy {
+    /// Number of `f32` lanes.
+    const WIDTH: usize;
+    /// How many vectors of this type one kernel keeps live as independent
+    /// accumulators (bounded by the register file of the targets that run the
+    /// type natively: 32 registers for AVX-512 and NEON, 16 for SSE/AVX).
+    const SLOTS: usize;
+    /// Every lane set to `v`.
+    fn splat(v: f32) -> Self;
+    /// Loads `WIDTH` values from the start of `s` (`s.len() >= WIDTH`).
+    fn load(s: &[f32]) -> Self;
+    /// Stores the lanes to the start of `out` (`out.len() >= WIDTH`).
+    fn store(self, out: &mut [f32]);
+    /// Lane-wise `self + o`.
+    fn add(self, o: Self) -> Self;
+    /// Lane-wise `self - o`.
+    fn sub(self, o: Self) -> Self;
+    /// Lane-wise `self * m + a`: fused where the target has FMA.
+    fn mul_add(self, m: Self, a: Self) -> Self;
+    /// Lane-wise `if self < lo { lo } else { self }`: a NaN in `self` stays NaN
+    /// (the comparison is false), unlike `max` on x86.
+    fn floor_at(self, lo: Self) -> Self;
+    /// Lane-wise `if self > hi { hi } else { self }`: NaN stays NaN.
+    fn ceil_at(self, hi: Self) -> Self;
+}
+
+impl Lane for f32 {
+    const WIDTH: usize = 1;
+    // Four scalar chains hide the add latency on an in-order core without
+    // spilling on a 16-register one.
+    const SLOTS: usize = 4;
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn load(s: &[f32]) -> Self {
+        s[0]
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32]) {
+        out[0] = self;
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        self - o
+    }
+    #[inline(always)]
+    fn mul_add(self, m: Self, a: Self) -> Self {
+        // `f32::mul_add` needs `std` (or a slow libm call on soft targets);
+        // two roundings are within every bound we promise.
+        self * m + a
+    }
+    #[inline(always)]
+    fn floor_at(self, lo: Self) -> Self {
+        if self < lo {
+            lo
+        } else {
+            self
+        }
+    }
+    #[inline(always)]
+    fn ceil_at(self, hi: Self) -> Self {
+        if self > hi {
+            hi
+        } else {
+            self
+        }
+    }
+}
+
+macro_rules! wide_lane {
+    ($t:ident, $n:literal, $slots:expr) => {
+        impl Lane for $t {
+            const WIDTH: usize = $n;
+            const SLOTS: usize = $slots;
+            #[inline(always)]
+            fn splat(v: f32) -> Self {
+                $t::splat(v)
+            }
+            #[inline(always)]
+            fn load(s: &[f32]) -> Self {
+                let a: [f32; $n] = match s[..$n].try_into() {
+                    Ok(a) => a,
+                    // `s[..$n]` has exactly `$n` elements.
+                    Err(_) => [0.0; $n],
+                };
+                $t::new(a)
+            }
+            #[inline(always)]
+            fn store(self, out: &mut [f32]) {
+                out[..$n].copy_from_slice(&self.to_array());
+            }
+            #[inline(always)]
+            fn add(self, o: Self) -> Self {
+                self + o
+            }
+            #[inline(always)]
+            fn sub(self, o: Self) -> Self {
+                self - o
+            }
+            #[inline(always)]
+            fn mul_add(self, m: Self, a: Self) -> Self {
+                $t::mul_add(self, m, a)
+            }
+            #[inline(always)]
+            fn floor_at(self, lo: Self) -> Self {
+                self.simd_lt(lo).select(lo, self)
+            }
+            #[inline(always)]
+            fn ceil_at(self, hi: Self) -> Self {
+                self.simd_gt(hi).select(hi, self)
+            }
+        }
+    };
+}
+
+/// Registers available to one kernel: AVX-512 and aarch64 have 32 vector
+/// registers, SSE2/AVX2 have 16.
+#[cfg(any(target_feature = "avx512f", target_arch = "aarch64"))]
+const WIDE_SLOTS: usize = 8;
+#[cfg(not(any(target_feature = "avx512f", target_arch = "aarch64")))]
+const WIDE_SLOTS: usize = 4;
+
+wide_lane!(f32x4, 4, WIDE_SLOTS);
+wide_lane!(f32x8, 8, WIDE_SLOTS);
+wide_lane!(f32x16, 16, WIDE_SLOTS);
+
+/// The lane width a kernel runs with.
+///
+/// [`Simd::detect`] picks the widest type the build runs natively (this is a
+/// compile-time choice: `wide` selects instructions from the target features
+/// the crate is compiled with). The other widths stay available so that tests,
+/// fuzzers and benchmarks can run every code path on every machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Simd {
+    /// One lane: plain `f32` arithmetic, the portable fallback.
+    Scalar,
+    /// `wide::f32x4`: SSE2, NEON, wasm simd128, or four scalars.
+    X4,
+    /// `wide::f32x8`: AVX, or two 4-lane registers.
+    X8,
+    /// `wide::f32x16`: AVX-512, or two 8-lane / four 4-lane registers.
+    X16,
+}
+
+impl Simd {
+    /// Every width, narrowest first.
+    pub const ALL: [Simd; 4] = [Simd::Scalar, Simd::X4, Simd::X8, Simd::X16];
+
+    /// The widest lane type this build runs in native registers:
+    /// `X16` with `avx512f`, `X8` with `avx`, `X4` otherwise (SSE2, NEON,
+    /// simd128, and the portable build, where four independent scalars still
+    /// pipeline well).
+    pub const fn detect() -> Simd {
+        if cfg!(target_feature = "avx512f") {
+            Simd::X16
+        } else if cfg!(target_feature = "avx") {
+            Simd::X8
+        } else {
+            Simd::X4
+        }
+    }
+
+    /// Number of `f32` lanes.
+    pub const fn lanes(self) -> usize {
+        match self {
+            Simd::Scalar => 1,
+            Simd::X4 => 4,
+            Simd::X8 => 8,
+            Simd::X16 => 16,
+        }
+    }
+}
+
+impl Default for Simd {
+    fn default() -> Self {
+        Simd::detect()
+    }
+}
+
+/// Calls `$body` with the type alias `$V` bound to the lane type of `$simd`.
+macro_rules! with_lane {
+    ($simd:expr, $V:ident => $body:expr) => {
+        match $simd {
+            $crate::lanes::Simd::Scalar => {
+                type $V = f32;
+                $body
+            }
+            $crate::lanes::Simd::X4 => {
+                type $V = wide::f32x4;
+                $body
+            }
+            $crate::lanes::Simd::X8 => {
+                type $V = wide::f32x8;
+                $body
+            }
+            $crate::lanes::Simd::X16 => {
+                type $V = wide::f32x16;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_lane;

@@ -1,0 +1,212 @@
+//! The `f64` scalar reference: one plain function per kernel, obviously
+//! correct, used by the tests, the fuzz targets and the benchmarks as the
+//! oracle. Two passes, one loop each, no cleverness, no SIMD.
+//!
+//! Inputs are the same `f32` slices the kernels take (widened exactly to
+//! `f64`); outputs are `f64` so that callers see the reference's own error,
+//! not a second rounding.
+
+use crate::shape::{Layout, Shape};
+
+/// Flat index of element `(n, s, c)` of `shape`.
+pub fn index(shape: Shape, n: usize, s: usize, c: usize) -> usize {
+    match shape.layout {
+        Layout::Nhwc => (n * shape.spatial + s) * shape.channels + c,
+        Layout::Nchw => (n * shape.channels + c) * shape.spatial + s,
+    }
+}
+
+/// Mean and population variance of channel `c`, two-pass. NaN for an empty
+/// channel.
+pub fn channel_moments(x: &[f32], shape: Shape, c: usize) -> (f64, f64) {
+    let count = (shape.batch * shape.spatial) as f64;
+    let mut sum = 0.0;
+    for n in 0..shape.batch {
+        for s in 0..shape.spatial {
+            sum += x[index(shape, n, s, c)] as f64;
+        }
+    }
+    let mean = sum / count;
+    let mut ss = 0.0;
+    for n in 0..shape.batch {
+        for s in 0..shape.spatial {
+            let d = x[index(shape, n, s, c)] as f64 - mean;
+            ss += d * d;
+        }
+    }
+    (mean, ss / count)
+}
+
+/// Per-channel mean and population variance, two-pass, in `f64`.
+///
+/// Panics if the slices do not match `shape` (it is a test oracle, not a
+/// kernel).
+pub fn moments(x: &[f32], shape: Shape, mean: &mut [f64], variance: &mut [f64]) {
+    assert_eq!(x.len(), shape.batch * shape.spatial * shape.channels);
+    for c in 0..shape.channels {
+        let (m, v) = channel_moments(x, shape, c);
+        mean[c] = m;
+        variance[c] = v;
+    }
+}
+
+/// Largest input magnitude for which the kernels promise finite results and
+/// the DESIGN §3 bounds; beyond it `(x - shift)²` summed over a block may
+/// overflow `f32` (TensorFlow's `E[x²]` overflows near `1.8e19`).
+pub const MAX_MAGNITUDE: f32 = 1.0e17;
+
+/// Bound on the mean error: `1e-6 * (|mean_ref| + σ_ref)` (DESIGN §3).
+pub fn mean_bound(mean_ref: f64, var_ref: f64) -> f64 {
+    1e-6 * (mean_ref.abs() + libm::sqrt(var_ref))
+}
+
+/// Bound on the variance's relative error: `1e-5` when the channel is well
+/// conditioned (`|mean| <= 10 σ`), `1e-3` otherwise (DESIGN §3 promises it
+/// up to `|mean| <= 1e4 σ`; the kernels keep it beyond, and the oracle holds
+/// them to it).
+pub fn variance_rel_bound(mean_ref: f64, var_ref: f64) -> f64 {
+    if mean_ref.abs() <= 10.0 * libm::sqrt(var_ref) {
+        1e-5
+    } else {
+        1e-3
+    }
+}
+
+/// A value that fails an oracle check.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Mismatch {
+    /// What was compared (`"mean"`, `"variance"`, `"y"`, ...).
+    pub what: &'static str,
+    /// Channel (or element) index.
+    pub index: usize,
+    /// The kernel's value.
+    pub got: f64,
+    /// The reference value.
+    pub want: f64,
+    /// The allowed absolute error (NaN for a class mismatch: NaN versus a
+    /// number, or an infinity of the wrong sign).
+    pub bound: f64,
+}
+
+impl core::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{}[{}]: got {:e}, want {:e}, |error| {:e} > bound {:e}",
+            self.what,
+            self.index,
+            self.got,
+            self.want,
+            (self.got - self.want).abs(),
+            self.bound
+        )
+    }
+}
+
+/// Compares `got` with `want` within `bound`, after the special values
+/// (libm's order): a NaN must meet a NaN, an infinity the same infinity, and
+/// only then are magnitudes compared.
+pub fn compare(
+    what: &'static str,
+    index: usize,
+    got: f64,
+    want: f64,
+    bound: f64,
+) -> Result<(), Mismatch> {
+    let fail = |bound| {
+        Err(Mismatch {
+            what,
+            index,
+            got,
+            want,
+            bound,
+        })
+    };
+    if want.is_nan() || got.is_nan() {
+        return if want.is_nan() && got.is_nan() {
+            Ok(())
+        } else {
+            fail(f64::NAN)
+        };
+    }
+    if want.is_infinite() || got.is_infinite() {
+        return if want == got { Ok(()) } else { fail(f64::NAN) };
+    }
+    if (got - want).abs() <= bound {
+        Ok(())
+    } else {
+        fail(bound)
+    }
+}
+
+/// What an input channel promises: `Finite` when every element is finite
+/// with `|x| <= MAX_MAGNITUDE`, `NonFinite` when some element is NaN or
+/// infinite, `Huge` otherwise (no numerical promise, only no panic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Domain {
+    /// Inside the numerical contract.
+    Finite,
+    /// Holds a NaN or an infinity.
+    NonFinite,
+    /// Finite, but some `|x| > MAX_MAGNITUDE`.
+    Huge,
+}
+
+/// The [`Domain`] of channel `c` of `x`.
+pub fn channel_domain(x: &[f32], shape: Shape, c: usize) -> Domain {
+    let mut d = Domain::Finite;
+    for n in 0..shape.batch {
+        for s in 0..shape.spatial {
+            let v = x[index(shape, n, s, c)];
+            if !v.is_finite() {
+                return Domain::NonFinite;
+            }
+            if v.abs() > MAX_MAGNITUDE {
+                d = Domain::Huge;
+            }
+        }
+    }
+    d
+}
+
+/// The oracle for the moments kernels: checks the per-channel `mean` and
+/// population `variance` a kernel produced for `x` against the two-pass
+/// reference and the DESIGN §3 bounds.
+///
+/// A channel holding a NaN or an infinity must come out with a NaN variance
+/// and a mean that is NaN or infinite; a channel beyond [`MAX_MAGNITUDE`] is
+/// not checked.
+pub fn check_moments(
+    x: &[f32],
+    shape: Shape,
+    mean: &[f32],
+    variance: &[f32],
+) -> Result<(), Mismatch> {
+    for c in 0..shape.channels {
+        let (m, v) = channel_moments(x, shape, c);
+        let (gm, gv) = (mean[c] as f64, variance[c] as f64);
+        match channel_domain(x, shape, c) {
+            Domain::Huge => {}
+            Domain::NonFinite => {
+                if gm.is_finite() {
+                    return compare("mean", c, gm, f64::NAN, f64::NAN);
+                }
+                compare("variance", c, gv, f64::NAN, 0.0)?;
+            }
+            Domain::Finite => {
+                // The reference rounded to f32 is the best a kernel can
+                // return; allow that rounding on top of the bound.
+                let half_ulp = |r: f64| (r as f32 as f64 - r).abs();
+                compare("mean", c, gm, m, mean_bound(m, v) + half_ulp(m))?;
+                compare(
+                    "variance",
+                    c,
+                    gv,
+                    v,
+                    variance_rel_bound(m, v) * v + half_ulp(v),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Length, channel-count, layout, width and alignment sweeps of the moments
+//! kernels against the `f64` reference.
+mod common;
+
+use batchnorm::{moments_with, reference, Shape, Simd};
+use common::*;
+
+fn check(simd: Simd, x: &[f32], shape: Shape) {
+    let mut mean = vec![f32::NAN; shape.channels];
+    let mut var = vec![f32::NAN; shape.channels];
+    moments_with(simd, x, shape, &mut mean, &mut var).unwrap();
+    if let Err(e) = reference::check_moments(x, shape, &mean, &var) {
+        panic!("{simd:?} {shape:?}: {e}");
+    }
+}
+
+fn shapes(lanes: usize) -> Vec<Shape> {
+    let mut v = Vec::new();
+    let counts = [
+        1,
+        2,
+        3,
+        lanes - 1,
+        lanes,
+        lanes + 1,
+        2 * lanes + 1,
+        4 * lanes + 1,
+        37,
+    ];
+    let chans = [
+        1,
+        2,
+        3,
+        5,
+        7,
+        16,
+        17,
+        lanes + 1,
+        4 * lanes + 1,
+        64,
+        130,
+        257,
+    ];
+    for &c in &chans {
+        for &k in &counts {
+            let k = k.max(1);
+            v.push(Shape::nhwc(k, 1, c));
+            v.push(Shape::nhwc(2, k, c));
+            v.push(Shape::nchw(2, c, k));
+            v.push(Shape::nchw(k, c, 1));
+            v.push(Shape::nchw(1, c, k + 3 * lanes));
+        }
+    }
+    v
+}
+
+#[test]
+fn every_width_layout_and_length() {
+    let mut rng = Rng::new(1);
+    for simd in Simd::ALL {
+        for shape in shapes(simd.lanes().max(2)) {
+            let x = channel_data(
+                &mut rng,
+                shape,
+                &[0.5, -3.0, 1e3, 0.0],
+                &[1.0, 0.1, 2.0, 1e-3],
+            );
+            for off in 0..3 {
+                let buf = misaligned(&x, off);
+                check(simd, &buf[off..], shape);
+            }
+        }
+    }
+}
+
+#[test]
+fn long_and_ill_conditioned() {
+    let mut rng = Rng::new(2);
+    for simd in Simd::ALL {
+        for shape in [
+            Shape::nhwc(3000, 1, 3),
+            Shape::nhwc(100, 49, 16),
+            Shape::nchw(7, 5, 3001),
+            Shape::nhwc(40, 3, 1000),
+            Shape::nchw(300, 200, 3),
+        ] {
+            let x = channel_data(
+                &mut rng,
+                shape,
+                &[1e4, 1e6, -5.0, 1e3],
+                &[1.0, 1.0, 1.0, 1e-2],
+            );
+            check(simd, &x, shape);
+        }
+    }
+}
