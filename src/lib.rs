@@ -21,16 +21,22 @@
 #![deny(missing_docs)]
 #![warn(clippy::all)]
 
+mod ema;
 mod error;
 mod lanes;
+mod layer;
 mod moments;
+mod normalize;
 pub mod reference;
 mod shape;
 
+pub use ema::{update_moving, Config, Momentum};
 pub use error::Error;
 pub use lanes::Simd;
-pub use moments::{
-    accumulate, accumulate_with, moments, moments_with, Moments, BLOCK_ROWS, GROUP_CHANNELS,
+pub use layer::{BatchNorm, BatchNormArray};
+pub use moments::{accumulate, moments, Moments, BLOCK_ROWS, GROUP_CHANNELS};
+pub use normalize::{
+    affine, affine_in_place, fold, normalize, normalize_in_place, Activation, Params, SEGMENT,
 };
 pub use shape::{Layout, Shape};
 

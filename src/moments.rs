@@ -226,29 +226,7 @@ pub fn moments(
     mean: &mut [f32],
     variance: &mut [f32],
 ) -> Result<(), Error> {
-    moments_with(Simd::detect(), x, shape, mean, variance)
-}
-
-/// [`moments`] with an explicit lane width (every width works on every
-/// machine; widths the build does not run natively are emulated by `wide`).
-pub fn moments_with(
-    simd: Simd,
-    x: &[f32],
-    shape: Shape,
-    mean: &mut [f32],
-    variance: &mut [f32],
-) -> Result<(), Error> {
-    shape.check("x", x.len())?;
-    shape.check_channels("mean", mean.len())?;
-    shape.check_channels("variance", variance.len())?;
-    if shape.count()? == 0 {
-        return Err(Error::EmptyBatch);
-    }
-    run(simd, x, shape, &mut |c, acc| {
-        mean[c] = acc.mean as f32;
-        variance[c] = acc.variance(Variance::Population) as f32;
-    });
-    Ok(())
+    Simd::detect().moments(x, shape, mean, variance)
 }
 
 /// Adds the statistics of `x` to the per-channel records `into`, so that a
@@ -259,25 +237,45 @@ pub fn moments_with(
 /// Errors (nothing written): a slice length that does not match `shape`, zero
 /// channels, or an overflowing shape.
 pub fn accumulate(x: &[f32], shape: Shape, into: &mut [Moments]) -> Result<(), Error> {
-    accumulate_with(Simd::detect(), x, shape, into)
+    Simd::detect().accumulate(x, shape, into)
 }
 
-/// [`accumulate`] with an explicit lane width.
-pub fn accumulate_with(
-    simd: Simd,
-    x: &[f32],
-    shape: Shape,
-    into: &mut [Moments],
-) -> Result<(), Error> {
-    shape.check("x", x.len())?;
-    shape.check_channels("into", into.len())?;
-    if shape.count()? == 0 {
-        return Ok(());
+impl Simd {
+    /// [`moments`] with this lane width (every width works on every
+    /// machine; widths the build does not run natively are emulated by
+    /// `wide`).
+    pub fn moments(
+        self,
+        x: &[f32],
+        shape: Shape,
+        mean: &mut [f32],
+        variance: &mut [f32],
+    ) -> Result<(), Error> {
+        shape.check("x", x.len())?;
+        shape.check_channels("mean", mean.len())?;
+        shape.check_channels("variance", variance.len())?;
+        if shape.count()? == 0 {
+            return Err(Error::EmptyBatch);
+        }
+        run(self, x, shape, &mut |c, acc| {
+            mean[c] = acc.mean as f32;
+            variance[c] = acc.variance(Variance::Population) as f32;
+        });
+        Ok(())
     }
-    run(simd, x, shape, &mut |c, acc| {
-        into[c] = Moments::from_acc(Acc::from(into[c]).merge(acc));
-    });
-    Ok(())
+
+    /// [`accumulate`] with this lane width.
+    pub fn accumulate(self, x: &[f32], shape: Shape, into: &mut [Moments]) -> Result<(), Error> {
+        shape.check("x", x.len())?;
+        shape.check_channels("into", into.len())?;
+        if shape.count()? == 0 {
+            return Ok(());
+        }
+        run(self, x, shape, &mut |c, acc| {
+            into[c] = Moments::from_acc(Acc::from(into[c]).merge(acc));
+        });
+        Ok(())
+    }
 }
 
 /// Computes every channel's record and hands it to `emit` exactly once per

@@ -210,3 +210,121 @@ pub fn check_moments(
     }
     Ok(())
 }
+
+/// The folded coefficients in `f64`: `a = scale / sqrt(var + eps)`,
+/// `b = offset - mean * a`.
+pub fn fold(mean: f32, variance: f32, scale: f32, offset: f32, epsilon: f32) -> (f64, f64) {
+    let a = scale as f64 / libm::sqrt(variance as f64 + epsilon as f64);
+    (a, offset as f64 - mean as f64 * a)
+}
+
+/// One activation in `f64` (the same comparisons as the kernels, so NaN
+/// stays NaN).
+pub fn activate(activation: crate::Activation, y: f64) -> f64 {
+    let (lo, hi) = match activation {
+        crate::Activation::None => return y,
+        crate::Activation::Relu => (0.0, f64::INFINITY),
+        crate::Activation::Relu6 => (0.0, 6.0),
+        crate::Activation::Clamp { min, max } => (min as f64, max as f64),
+    };
+    let y = if y < lo { lo } else { y };
+    if y > hi {
+        hi
+    } else {
+        y
+    }
+}
+
+/// `activation((x - mean) / sqrt(var + eps) * scale + offset)` for every
+/// element, in `f64`, in the folded form DESIGN §1 defines. Panics on
+/// lengths that do not match.
+pub fn normalize(x: &[f32], shape: Shape, params: &crate::Params<'_>, y: &mut [f64]) {
+    for c in 0..shape.channels {
+        let (a, b) = channel_fold(params, c);
+        for n in 0..shape.batch {
+            for s in 0..shape.spatial {
+                let i = index(shape, n, s, c);
+                y[i] = activate(params.activation, x[i] as f64 * a + b);
+            }
+        }
+    }
+}
+
+fn channel_fold(p: &crate::Params<'_>, c: usize) -> (f64, f64) {
+    fold(
+        p.mean[c],
+        p.variance[c],
+        p.scale.map_or(1.0, |s| s[c]),
+        p.offset.map_or(0.0, |o| o[c]),
+        p.epsilon,
+    )
+}
+
+/// The DESIGN §3 bound on one normalized element:
+/// `4 ε (|x a| + |mean a| + |offset|)`.
+pub fn normalize_bound(x: f32, mean: f32, a: f64, offset: f32) -> f64 {
+    4.0 * f32::EPSILON as f64
+        * ((x as f64 * a).abs() + (mean as f64 * a).abs() + (offset as f64).abs())
+}
+
+/// The oracle for the normalization kernels: `y` against [`normalize`]
+/// within [`normalize_bound`], NaN and infinities compared by class first.
+///
+/// Elements are not checked where the contract makes no numerical promise:
+/// a channel whose `a` is not a finite `f32` (zero `variance + epsilon`, an
+/// infinite scale) and an element whose `|x a| + |b|` reaches `f32::MAX / 2`
+/// (the `f32` result may overflow where the `f64` one does not).
+pub fn check_normalize(
+    x: &[f32],
+    shape: Shape,
+    params: &crate::Params<'_>,
+    y: &[f32],
+) -> Result<(), Mismatch> {
+    let limit = f32::MAX as f64 / 2.0;
+    for c in 0..shape.channels {
+        let (a, b) = channel_fold(params, c);
+        if !(a.abs() <= f32::MAX as f64) || b.abs() > f32::MAX as f64 {
+            continue;
+        }
+        let offset = params.offset.map_or(0.0, |o| o[c]);
+        for n in 0..shape.batch {
+            for s in 0..shape.spatial {
+                let i = index(shape, n, s, c);
+                let xa = x[i] as f64 * a;
+                if xa.abs() + b.abs() >= limit {
+                    continue;
+                }
+                let want = activate(params.activation, xa + b);
+                let bound = normalize_bound(x[i], params.mean[c], a, offset);
+                compare(
+                    "y",
+                    i,
+                    y[i] as f64,
+                    want,
+                    bound + (want as f32 as f64 - want).abs(),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The moving-statistics update in `f64`: returns the new `(mean,
+/// variance)` of one channel.
+pub fn update_moving(
+    moving: (f32, f32),
+    batch: (f32, f32),
+    count: u64,
+    batches: u64,
+    config: &crate::Config,
+) -> (f64, f64) {
+    let d = config.momentum.decay(batches) as f64;
+    let bessel = match config.moving_variance {
+        crate::Variance::Sample if count > 1 => count as f64 / (count - 1) as f64,
+        _ => 1.0,
+    };
+    (
+        moving.0 as f64 * d + batch.0 as f64 * (1.0 - d),
+        moving.1 as f64 * d + batch.1 as f64 * bessel * (1.0 - d),
+    )
+}

@@ -2,13 +2,13 @@
 //! kernels against the `f64` reference.
 mod common;
 
-use batchnorm::{moments_with, reference, Shape, Simd};
+use batchnorm::{reference, Shape, Simd};
 use common::*;
 
 fn check(simd: Simd, x: &[f32], shape: Shape) {
     let mut mean = vec![f32::NAN; shape.channels];
     let mut var = vec![f32::NAN; shape.channels];
-    moments_with(simd, x, shape, &mut mean, &mut var).unwrap();
+    simd.moments(x, shape, &mut mean, &mut var).unwrap();
     if let Err(e) = reference::check_moments(x, shape, &mean, &var) {
         panic!("{simd:?} {shape:?}: {e}");
     }

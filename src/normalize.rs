@@ -1,0 +1,520 @@
+//! Fused normalization: per-channel `y = act(x * a + b)` in one pass.
+//!
+//! `a = scale / sqrt(var + eps)` and `b = offset - mean * a` is the folded
+//! form TensorFlow's and PyTorch's CPU kernels use. [`fold`] computes it into
+//! caller slices; [`normalize`] computes it on the fly, a channel (or a
+//! stack-resident segment of at most [`SEGMENT`] channel positions) at a
+//! time, so no caller scratch is needed.
+//!
+//! The coefficients are computed in `f64` and rounded once, so `a` and `b`
+//! are within half an ulp of exact and the only other rounding is the
+//! kernel's own `x * a + b` (one rounding with FMA, two without): well inside
+//! DESIGN §3's `4 ε (|x a| + |mean a| + |offset|)`.
+//!
+//! # Layouts
+//!
+//! * NCHW with at least one vector of spatial positions: each channel run is
+//!   `x * splat(a) + splat(b)`.
+//! * Otherwise the tensor is periodic (NHWC, or NCHW with short runs): the
+//!   per-position coefficients of one period are laid out in a stack
+//!   pattern, repeated over a super-row of `lcm(period, lanes)` elements
+//!   when that is short, and streamed alongside the data. Long NHWC rows use
+//!   the caller's `a` and `b` slices directly.
+//!
+//! Tails (the end of a run, of a row, or a partial super-row) go through the
+//! same code instantiated with one-lane `f32`.
+//!
+//! # Stack
+//!
+//! Two patterns of [`SEGMENT`] `f32` (4 KiB). No heap.
+
+use crate::error::{check_epsilon, Error};
+use crate::lanes::{with_lane, Lane, Simd};
+use crate::shape::{Layout, Shape};
+
+/// Largest number of positions whose coefficients sit in a stack pattern.
+pub const SEGMENT: usize = 512;
+
+/// An elementwise activation fused into the normalization pass.
+///
+/// NaN inputs stay NaN through every activation (the comparisons are
+/// false), so a poisoned channel stays visibly poisoned.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Activation {
+    /// `y`.
+    #[default]
+    None,
+    /// `max(y, 0)`.
+    Relu,
+    /// `min(max(y, 0), 6)`.
+    Relu6,
+    /// `min(max(y, min), max)`; needs `min <= max`, neither NaN.
+    Clamp {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
+}
+
+impl Activation {
+    /// `Err(Error::Clamp)` for a `Clamp` with NaN bounds or `min > max`.
+    pub fn validate(&self) -> Result<(), Error> {
+        match *self {
+            Activation::Clamp { min, max } if !(min <= max) => Err(Error::Clamp { min, max }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The activation applied to one value (the scalar definition the kernels
+    /// and the reference share).
+    pub fn apply(&self, y: f32) -> f32 {
+        match *self {
+            Activation::None => y,
+            Activation::Relu => Lane::floor_at(y, 0.0),
+            Activation::Relu6 => Lane::ceil_at(Lane::floor_at(y, 0.0), 6.0),
+            Activation::Clamp { min, max } => Lane::ceil_at(Lane::floor_at(y, min), max),
+        }
+    }
+}
+
+/// The activation, resolved once per call so the inner loop has no branch.
+trait Act: Copy {
+    fn apply<V: Lane>(self, y: V) -> V;
+}
+
+#[derive(Clone, Copy)]
+struct Identity;
+impl Act for Identity {
+    #[inline(always)]
+    fn apply<V: Lane>(self, y: V) -> V {
+        y
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Floor(f32);
+impl Act for Floor {
+    #[inline(always)]
+    fn apply<V: Lane>(self, y: V) -> V {
+        y.floor_at(V::splat(self.0))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Band(f32, f32);
+impl Act for Band {
+    #[inline(always)]
+    fn apply<V: Lane>(self, y: V) -> V {
+        y.floor_at(V::splat(self.0)).ceil_at(V::splat(self.1))
+    }
+}
+
+/// Where the kernel reads `x` and writes `y`: two slices, or one in place.
+pub(crate) trait Io {
+    fn load<V: Lane>(&self, i: usize) -> V;
+    fn store<V: Lane>(&mut self, i: usize, v: V);
+}
+
+pub(crate) struct Split<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) y: &'a mut [f32],
+}
+
+impl Io for Split<'_> {
+    #[inline(always)]
+    fn load<V: Lane>(&self, i: usize) -> V {
+        V::load(&self.x[i..])
+    }
+    #[inline(always)]
+    fn store<V: Lane>(&mut self, i: usize, v: V) {
+        v.store(&mut self.y[i..]);
+    }
+}
+
+pub(crate) struct InPlace<'a>(pub(crate) &'a mut [f32]);
+
+impl Io for InPlace<'_> {
+    #[inline(always)]
+    fn load<V: Lane>(&self, i: usize) -> V {
+        V::load(&self.0[i..])
+    }
+    #[inline(always)]
+    fn store<V: Lane>(&mut self, i: usize, v: V) {
+        v.store(&mut self.0[i..]);
+    }
+}
+
+/// Per-channel coefficients: given, or folded on the fly.
+#[derive(Clone, Copy)]
+pub(crate) enum Coef<'a> {
+    Given { a: &'a [f32], b: &'a [f32] },
+    Fold(&'a Params<'a>),
+}
+
+impl Coef<'_> {
+    #[inline]
+    fn get(&self, c: usize) -> (f32, f32) {
+        match *self {
+            Coef::Given { a, b } => (a[c], b[c]),
+            Coef::Fold(p) => fold_one(
+                p.mean[c],
+                p.variance[c],
+                p.scale.map_or(1.0, |s| s[c]),
+                p.offset.map_or(0.0, |o| o[c]),
+                p.epsilon,
+            ),
+        }
+    }
+}
+
+/// `a = scale / sqrt(var + eps)`, `b = offset - mean * a`, in `f64`, each
+/// rounded once to `f32`.
+#[inline]
+pub(crate) fn fold_one(mean: f32, var: f32, scale: f32, offset: f32, eps: f32) -> (f32, f32) {
+    let a = scale as f64 / libm::sqrt(var as f64 + eps as f64);
+    let b = offset as f64 - mean as f64 * a;
+    (a as f32, b as f32)
+}
+
+/// The parameters of [`normalize`], as `tf.nn.batch_normalization` takes
+/// them: per-channel `mean` and `variance`, optional `scale` (1 when absent)
+/// and `offset` (0 when absent), `epsilon` inside the square root, and a
+/// fused activation.
+#[derive(Clone, Copy, Debug)]
+pub struct Params<'a> {
+    /// Per-channel mean.
+    pub mean: &'a [f32],
+    /// Per-channel variance.
+    pub variance: &'a [f32],
+    /// Per-channel scale (`gamma`); `None` means 1.
+    pub scale: Option<&'a [f32]>,
+    /// Per-channel offset (`beta`); `None` means 0.
+    pub offset: Option<&'a [f32]>,
+    /// Added to the variance under the square root; finite and `>= 0`.
+    pub epsilon: f32,
+    /// Applied to the normalized value.
+    pub activation: Activation,
+}
+
+impl Params<'_> {
+    pub(crate) fn validate(&self, shape: Shape) -> Result<(), Error> {
+        shape.check_channels("mean", self.mean.len())?;
+        shape.check_channels("variance", self.variance.len())?;
+        if let Some(s) = self.scale {
+            shape.check_channels("scale", s.len())?;
+        }
+        if let Some(o) = self.offset {
+            shape.check_channels("offset", o.len())?;
+        }
+        check_epsilon(self.epsilon)?;
+        self.activation.validate()
+    }
+}
+
+/// Folds batch-norm parameters into per-channel `a` and `b` so that
+/// `normalize(x) == x * a + b` (then [`affine`] applies them to any number
+/// of tensors). `scale` defaults to 1 and `offset` to 0.
+///
+/// Errors (nothing written): a slice whose length differs from `mean`'s,
+/// zero channels, or an `epsilon` that is negative or not finite.
+pub fn fold(
+    mean: &[f32],
+    variance: &[f32],
+    scale: Option<&[f32]>,
+    offset: Option<&[f32]>,
+    epsilon: f32,
+    a: &mut [f32],
+    b: &mut [f32],
+) -> Result<(), Error> {
+    let c = mean.len();
+    let p = Params {
+        mean,
+        variance,
+        scale,
+        offset,
+        epsilon,
+        activation: Activation::None,
+    };
+    let shape = Shape::rows(1, c);
+    shape.len()?;
+    p.validate(shape)?;
+    shape.check_channels("a", a.len())?;
+    shape.check_channels("b", b.len())?;
+    let coef = Coef::Fold(&p);
+    for ch in 0..c {
+        (a[ch], b[ch]) = coef.get(ch);
+    }
+    Ok(())
+}
+
+/// `y = activation(x * a[c] + b[c])` per channel `c`.
+///
+/// Errors (nothing written): `x`, `y`, `a` or `b` lengths that do not match
+/// `shape`, a bad shape, or a bad `Clamp`.
+pub fn affine(
+    x: &[f32],
+    y: &mut [f32],
+    shape: Shape,
+    a: &[f32],
+    b: &[f32],
+    activation: Activation,
+) -> Result<(), Error> {
+    Simd::detect().affine(x, y, shape, a, b, activation)
+}
+
+/// [`affine`] overwriting `x`.
+pub fn affine_in_place(
+    x: &mut [f32],
+    shape: Shape,
+    a: &[f32],
+    b: &[f32],
+    activation: Activation,
+) -> Result<(), Error> {
+    Simd::detect().affine_in_place(x, shape, a, b, activation)
+}
+
+/// `y = activation((x - mean) / sqrt(variance + epsilon) * scale + offset)`
+/// per channel, like `tf.nn.batch_normalization` (folded on the fly, no
+/// caller scratch).
+///
+/// Errors (nothing written): slice lengths that do not match `shape`, a bad
+/// shape, a negative or non-finite `epsilon`, or a bad `Clamp`.
+pub fn normalize(x: &[f32], y: &mut [f32], shape: Shape, params: &Params<'_>) -> Result<(), Error> {
+    Simd::detect().normalize(x, y, shape, params)
+}
+
+/// [`normalize`] overwriting `x`.
+pub fn normalize_in_place(x: &mut [f32], shape: Shape, params: &Params<'_>) -> Result<(), Error> {
+    Simd::detect().normalize_in_place(x, shape, params)
+}
+
+impl Simd {
+    /// [`affine`] with this lane width.
+    pub fn affine(
+        self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: Shape,
+        a: &[f32],
+        b: &[f32],
+        activation: Activation,
+    ) -> Result<(), Error> {
+        shape.check("x", x.len())?;
+        shape.check("y", y.len())?;
+        check_affine(shape, a, b, activation)?;
+        run(
+            self,
+            &mut Split { x, y },
+            shape,
+            Coef::Given { a, b },
+            activation,
+        );
+        Ok(())
+    }
+
+    /// [`affine_in_place`] with this lane width.
+    pub fn affine_in_place(
+        self,
+        x: &mut [f32],
+        shape: Shape,
+        a: &[f32],
+        b: &[f32],
+        activation: Activation,
+    ) -> Result<(), Error> {
+        shape.check("x", x.len())?;
+        check_affine(shape, a, b, activation)?;
+        run(
+            self,
+            &mut InPlace(x),
+            shape,
+            Coef::Given { a, b },
+            activation,
+        );
+        Ok(())
+    }
+
+    /// [`normalize`] with this lane width.
+    pub fn normalize(
+        self,
+        x: &[f32],
+        y: &mut [f32],
+        shape: Shape,
+        params: &Params<'_>,
+    ) -> Result<(), Error> {
+        shape.check("x", x.len())?;
+        shape.check("y", y.len())?;
+        params.validate(shape)?;
+        run(
+            self,
+            &mut Split { x, y },
+            shape,
+            Coef::Fold(params),
+            params.activation,
+        );
+        Ok(())
+    }
+
+    /// [`normalize_in_place`] with this lane width.
+    pub fn normalize_in_place(
+        self,
+        x: &mut [f32],
+        shape: Shape,
+        params: &Params<'_>,
+    ) -> Result<(), Error> {
+        shape.check("x", x.len())?;
+        params.validate(shape)?;
+        run(
+            self,
+            &mut InPlace(x),
+            shape,
+            Coef::Fold(params),
+            params.activation,
+        );
+        Ok(())
+    }
+}
+
+fn check_affine(shape: Shape, a: &[f32], b: &[f32], activation: Activation) -> Result<(), Error> {
+    shape.check_channels("a", a.len())?;
+    shape.check_channels("b", b.len())?;
+    activation.validate()
+}
+
+/// Validated input: dispatch on width and activation.
+pub(crate) fn run<IO: Io>(simd: Simd, io: &mut IO, shape: Shape, coef: Coef<'_>, act: Activation) {
+    with_lane!(simd, V => match act {
+        Activation::None => layout::<V, _, IO>(io, shape, coef, Identity),
+        Activation::Relu => layout::<V, _, IO>(io, shape, coef, Floor(0.0)),
+        Activation::Relu6 => layout::<V, _, IO>(io, shape, coef, Band(0.0, 6.0)),
+        Activation::Clamp { min, max } => layout::<V, _, IO>(io, shape, coef, Band(min, max)),
+    })
+}
+
+fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, act: A) {
+    let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
+    if n == 0 || s == 0 {
+        return;
+    }
+    match shape.layout {
+        Layout::Nchw if s >= V::WIDTH => {
+            for ch in 0..c {
+                let (a, b) = coef.get(ch);
+                for i in 0..n {
+                    splat_span::<V, A, IO>(io, (i * c + ch) * s, s, a, b, act);
+                }
+            }
+        }
+        Layout::Nchw => periodic::<V, A, IO>(io, c * s, s, n, coef, act),
+        Layout::Nhwc => periodic::<V, A, IO>(io, c, 1, n * s, coef, act),
+    }
+}
+
+/// `len` elements from `start`, all with the same coefficients.
+#[inline(always)]
+fn splat_span<V: Lane, A: Act, IO: Io>(
+    io: &mut IO,
+    start: usize,
+    len: usize,
+    a: f32,
+    b: f32,
+    act: A,
+) {
+    let w = V::WIDTH;
+    let (va, vb) = (V::splat(a), V::splat(b));
+    let whole = len / w * w;
+    let mut i = 0;
+    while i < whole {
+        let y = io.load::<V>(start + i).mul_add(va, vb);
+        io.store(start + i, act.apply(y));
+        i += w;
+    }
+    if w > 1 {
+        splat_span::<f32, A, IO>(io, start + whole, len - whole, a, b, act);
+    }
+}
+
+/// `len` elements from `start` with per-element coefficients `pa`, `pb`.
+#[inline(always)]
+fn pattern_span<V: Lane, A: Act, IO: Io>(
+    io: &mut IO,
+    start: usize,
+    pa: &[f32],
+    pb: &[f32],
+    act: A,
+) {
+    let w = V::WIDTH;
+    let len = pa.len();
+    let whole = len / w * w;
+    let mut i = 0;
+    while i < whole {
+        let y = io
+            .load::<V>(start + i)
+            .mul_add(V::load(&pa[i..]), V::load(&pb[i..]));
+        io.store(start + i, act.apply(y));
+        i += w;
+    }
+    if w > 1 {
+        pattern_span::<f32, A, IO>(io, start + whole, &pa[whole..], &pb[whole..], act);
+    }
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Periodic tensors: `rows` rows of `period` elements, position `p` of a
+/// row in channel `p / div`.
+fn periodic<V: Lane, A: Act, IO: Io>(
+    io: &mut IO,
+    period: usize,
+    div: usize,
+    rows: usize,
+    coef: Coef<'_>,
+    act: A,
+) {
+    let w = V::WIDTH;
+    let lcm = period / gcd(period, w) * w;
+    if let (Coef::Given { a, b }, 1) = (coef, div) {
+        if lcm > SEGMENT {
+            // Long channels-last rows: the caller's coefficients are the pattern.
+            for r in 0..rows {
+                pattern_span::<V, A, IO>(io, r * period, a, b, act);
+            }
+            return;
+        }
+    }
+    let mut pa = [0.0f32; SEGMENT];
+    let mut pb = [0.0f32; SEGMENT];
+    if lcm <= SEGMENT {
+        // Super-rows of `lcm` elements share one pattern; the partial last
+        // super-row uses a prefix of it.
+        for i in 0..lcm {
+            (pa[i], pb[i]) = coef.get(i % period / div);
+        }
+        let per = lcm / period;
+        let supers = rows / per;
+        for r in 0..supers {
+            pattern_span::<V, A, IO>(io, r * lcm, &pa[..lcm], &pb[..lcm], act);
+        }
+        let left = (rows - supers * per) * period;
+        pattern_span::<V, A, IO>(io, supers * lcm, &pa[..left], &pb[..left], act);
+    } else {
+        // Rows longer than a pattern: one segment of positions at a time,
+        // swept over every row.
+        let mut p0 = 0;
+        while p0 < period {
+            let len = (period - p0).min(SEGMENT);
+            for i in 0..len {
+                (pa[i], pb[i]) = coef.get((p0 + i) / div);
+            }
+            for r in 0..rows {
+                pattern_span::<V, A, IO>(io, r * period + p0, &pa[..len], &pb[..len], act);
+            }
+            p0 += len;
+        }
+    }
+}

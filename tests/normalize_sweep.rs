@@ -1,0 +1,152 @@
+//! Width, layout, length, channel-count, activation and alignment sweeps of
+//! the normalization kernels against the `f64` reference.
+mod common;
+
+use batchnorm::{reference, Activation, Params, Shape, Simd};
+use common::*;
+
+const ACTIVATIONS: [Activation; 4] = [
+    Activation::None,
+    Activation::Relu,
+    Activation::Relu6,
+    Activation::Clamp {
+        min: -0.5,
+        max: 0.25,
+    },
+];
+
+fn shapes(lanes: usize) -> Vec<Shape> {
+    let mut v = Vec::new();
+    let counts = [
+        1,
+        2,
+        lanes - 1,
+        lanes,
+        lanes + 1,
+        2 * lanes + 1,
+        4 * lanes + 1,
+    ];
+    for c in [
+        1,
+        2,
+        3,
+        5,
+        7,
+        16,
+        17,
+        lanes + 1,
+        4 * lanes + 1,
+        100,
+        513,
+        1000,
+    ] {
+        for &k in &counts {
+            let k = k.max(1);
+            v.push(Shape::nhwc(k, 1, c));
+            v.push(Shape::nhwc(2, k, c));
+            v.push(Shape::nchw(2, c, k));
+            v.push(Shape::nchw(k, c, 1));
+        }
+    }
+    v.push(Shape::nchw(3, 200, 3));
+    v.push(Shape::nchw(2, 300, 2));
+    v
+}
+
+struct Case {
+    x: Vec<f32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+}
+
+fn case(rng: &mut Rng, shape: Shape) -> Case {
+    let c = shape.channels;
+    Case {
+        x: channel_data(rng, shape, &[0.5, -3.0, 100.0], &[1.0, 0.5, 3.0]),
+        mean: gaussian(rng, c, 0.0, 2.0),
+        var: (0..c).map(|_| (rng.uniform() * 4.0) as f32).collect(),
+        scale: gaussian(rng, c, 1.0, 0.5),
+        offset: gaussian(rng, c, 0.0, 1.0),
+    }
+}
+
+#[test]
+fn normalize_every_width_layout_activation_alignment() {
+    let mut rng = Rng::new(10);
+    for simd in Simd::ALL {
+        for shape in shapes(simd.lanes().max(2)) {
+            let k = case(&mut rng, shape);
+            for (ai, &activation) in ACTIVATIONS.iter().enumerate() {
+                let p = Params {
+                    mean: &k.mean,
+                    variance: &k.var,
+                    scale: (ai % 2 == 0).then_some(&k.scale[..]),
+                    offset: (ai < 2).then_some(&k.offset[..]),
+                    epsilon: 1e-3,
+                    activation,
+                };
+                let off = ai % 3;
+                let xb = misaligned(&k.x, off);
+                let mut yb = vec![f32::NAN; k.x.len() + 2];
+                let y = &mut yb[2 - off % 2..][..k.x.len()];
+                simd.normalize(&xb[off..], y, shape, &p).unwrap();
+                if let Err(e) = reference::check_normalize(&k.x, shape, &p, y) {
+                    panic!("{simd:?} {shape:?} {activation:?}: {e}");
+                }
+                let mut inplace = xb.clone();
+                simd.normalize_in_place(&mut inplace[off..], shape, &p)
+                    .unwrap();
+                assert_eq!(
+                    inplace[off..]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{simd:?} {shape:?}: in place differs"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn affine_matches_fold_then_normalize() {
+    let mut rng = Rng::new(11);
+    for simd in Simd::ALL {
+        for shape in shapes(simd.lanes().max(2)) {
+            let k = case(&mut rng, shape);
+            let c = shape.channels;
+            let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
+            batchnorm::fold(
+                &k.mean,
+                &k.var,
+                Some(&k.scale),
+                Some(&k.offset),
+                1e-5,
+                &mut a,
+                &mut b,
+            )
+            .unwrap();
+            let p = Params {
+                mean: &k.mean,
+                variance: &k.var,
+                scale: Some(&k.scale),
+                offset: Some(&k.offset),
+                epsilon: 1e-5,
+                activation: Activation::Relu6,
+            };
+            let mut y1 = vec![0.0; k.x.len()];
+            let mut y2 = vec![0.0; k.x.len()];
+            simd.affine(&k.x, &mut y1, shape, &a, &b, Activation::Relu6)
+                .unwrap();
+            simd.normalize(&k.x, &mut y2, shape, &p).unwrap();
+            assert_eq!(y1, y2, "{simd:?} {shape:?}");
+            let mut y3 = k.x.clone();
+            simd.affine_in_place(&mut y3, shape, &a, &b, Activation::Relu6)
+                .unwrap();
+            assert_eq!(y1, y3, "{simd:?} {shape:?}");
+        }
+    }
+}
