@@ -118,6 +118,13 @@ impl Acc {
 
 /// Mergeable per-channel statistics: `count`, `mean` and `m2 = Σ(x - mean)²`.
 ///
+/// The record stores `f32`s (merges compute in `f64` and round once), so a
+/// chain of merges keeps the DESIGN §3 bounds for channels with
+/// `|mean| <= 1e4 σ`; far beyond that the rounding of the stored mean,
+/// `ulp(mean)`, becomes comparable to `σ` and the merged `m2` degrades. A
+/// single [`accumulate`] or [`moments`] call keeps its own `f64` state and is
+/// not limited this way.
+///
 /// `#[repr(C)]` and [`bytemuck::Pod`], 16 bytes with no padding, so records
 /// can be sent as bytes between threads, processes or the workers of a
 /// distributed job (through its own all-gather) and merged on arrival:
@@ -470,9 +477,8 @@ fn sweep_n<V: Lane, const NV: usize>(
     while done < total {
         let block = done.clamp(1, BLOCK_ROWS).min(total - done);
         let k: [V; NV] = core::array::from_fn(|v| {
-            for j in 0..w {
-                let c = cols.chan[v * w + j];
-                buf[j] = if c == SKIP { 0.0 } else { g.shift[c as usize] };
+            for (b, &c) in buf.iter_mut().zip(&cols.chan[v * w..(v + 1) * w]) {
+                *b = if c == SKIP { 0.0 } else { g.shift[c as usize] };
             }
             V::load(&buf)
         });
@@ -594,7 +600,7 @@ fn periodic<V: Lane>(
         // Long rows (`period >= w` here): vectors at multiples of `w` and one
         // overlapping vector ending at the row's end.
         let whole = period / w;
-        let vectors = whole + usize::from(period % w != 0);
+        let vectors = whole + usize::from(!period.is_multiple_of(w));
         wide_rows::<V>(
             x,
             Rows::contiguous(0, rows, period),

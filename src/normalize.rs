@@ -61,7 +61,10 @@ impl Activation {
     /// `Err(Error::Clamp)` for a `Clamp` with NaN bounds or `min > max`.
     pub fn validate(&self) -> Result<(), Error> {
         match *self {
-            Activation::Clamp { min, max } if !(min <= max) => Err(Error::Clamp { min, max }),
+            // Written so that a NaN bound fails too.
+            Activation::Clamp { min, max } if min.partial_cmp(&max).is_none_or(|o| o.is_gt()) => {
+                Err(Error::Clamp { min, max })
+            }
             _ => Ok(()),
         }
     }

@@ -283,7 +283,8 @@ pub fn check_normalize(
     let limit = f32::MAX as f64 / 2.0;
     for c in 0..shape.channels {
         let (a, b) = channel_fold(params, c);
-        if !(a.abs() <= f32::MAX as f64) || b.abs() > f32::MAX as f64 {
+        let representable = |v: f64| v.abs() <= f32::MAX as f64; // false for NaN
+        if !representable(a) || !representable(b) {
             continue;
         }
         let offset = params.offset.map_or(0.0, |o| o[c]);

@@ -1,0 +1,397 @@
+//! The layer, the moving-average update and the presets: semantics, edge
+//! cases, and "an error writes nothing".
+mod common;
+
+use batchnorm::{
+    moments, normalize, update_moving, Activation, BatchNorm, BatchNormArray, Config, Error,
+    Momentum, Params, Shape, Simd, Variance,
+};
+use common::*;
+
+#[test]
+fn presets_match_the_design_table() {
+    let k = Config::keras();
+    assert_eq!(
+        (k.epsilon, k.momentum, k.moving_variance),
+        (1e-3, Momentum::Decay(0.99), Variance::Population)
+    );
+    let t = Config::tf_fused(0.25);
+    assert_eq!(
+        (t.epsilon, t.momentum, t.moving_variance),
+        (1e-3, Momentum::Decay(0.75), Variance::Sample)
+    );
+    assert_eq!(Config::tf_fused(1.0).momentum, Momentum::Decay(0.0));
+    assert_eq!(Config::tf_layers(true), Config::tf_fused(0.01));
+    assert_eq!(
+        Config::tf_layers(false).moving_variance,
+        Variance::Population
+    );
+    let p = Config::pytorch();
+    assert_eq!(
+        (p.epsilon, p.momentum, p.moving_variance),
+        (1e-5, Momentum::Decay(0.9), Variance::Sample)
+    );
+    assert_eq!(
+        Config::pytorch_momentum(None).momentum,
+        Momentum::Cumulative
+    );
+    let o = Config::onnx();
+    assert_eq!(
+        (o.epsilon, o.momentum, o.moving_variance),
+        (1e-5, Momentum::Decay(0.9), Variance::Population)
+    );
+    for c in [k, t, p, o] {
+        assert_eq!(c.activation, Activation::None);
+        c.validate().unwrap();
+    }
+}
+
+#[test]
+fn train_is_moments_then_normalize_then_update() {
+    let mut rng = Rng::new(3);
+    for simd in Simd::ALL {
+        for shape in [
+            Shape::nhwc(4, 9, 3),
+            Shape::nchw(3, 5, 17),
+            Shape::rows(33, 20),
+        ] {
+            for config in [
+                Config::keras(),
+                Config::tf_fused(0.3),
+                Config::pytorch(),
+                Config::onnx(),
+            ] {
+                let config = config.with_activation(Activation::Relu);
+                let c = shape.channels;
+                let x = channel_data(&mut rng, shape, &[2.0, -7.0], &[1.5, 0.2]);
+                let scale = gaussian(&mut rng, c, 1.0, 0.3);
+                let offset = gaussian(&mut rng, c, 0.0, 0.3);
+                let (mut mm, mut mv) = (gaussian(&mut rng, c, 0.0, 1.0), vec![1.5f32; c]);
+                let (mm0, mv0) = (mm.clone(), mv.clone());
+                let (mut bm, mut bv) = (vec![0.0; c], vec![0.0; c]);
+                let mut y = vec![0.0; x.len()];
+                {
+                    let mut bn = BatchNorm::new(config, &mut mm, &mut mv, &mut bm, &mut bv)
+                        .unwrap()
+                        .with_scale(&scale)
+                        .unwrap()
+                        .with_offset(&offset)
+                        .unwrap()
+                        .with_simd(simd);
+                    bn.train(&x, &mut y, shape).unwrap();
+                    assert_eq!(bn.batches(), 1);
+                }
+                // The same three steps by hand, with the same width.
+                let (mut m, mut v) = (vec![0.0; c], vec![0.0; c]);
+                simd.moments(&x, shape, &mut m, &mut v).unwrap();
+                assert_eq!((&bm, &bv), (&m, &v));
+                let p = Params {
+                    mean: &m,
+                    variance: &v,
+                    scale: Some(&scale),
+                    offset: Some(&offset),
+                    epsilon: config.epsilon,
+                    activation: Activation::Relu,
+                };
+                let mut y2 = vec![0.0; x.len()];
+                simd.normalize(&x, &mut y2, shape, &p).unwrap();
+                assert_eq!(y, y2);
+                let (mut mm2, mut mv2) = (mm0.clone(), mv0.clone());
+                let count = (shape.batch * shape.spatial) as u64;
+                update_moving(&mut mm2, &mut mv2, &m, &v, count, 1, &config).unwrap();
+                assert_eq!((&mm, &mv), (&mm2, &mv2));
+                // And the update against the f64 reference.
+                for ch in 0..c {
+                    let (rm, rv) = batchnorm::reference::update_moving(
+                        (mm0[ch], mv0[ch]),
+                        (m[ch], v[ch]),
+                        count,
+                        1,
+                        &config,
+                    );
+                    assert!(
+                        (mm[ch] as f64 - rm).abs()
+                            <= 4.0 * f32::EPSILON as f64 * (rm.abs() + mm0[ch].abs() as f64)
+                    );
+                    assert!(
+                        (mv[ch] as f64 - rv).abs()
+                            <= 4.0 * f32::EPSILON as f64 * (rv.abs() + mv0[ch].abs() as f64)
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn infer_uses_the_moving_statistics() {
+    let shape = Shape::nhwc(2, 3, 4);
+    let x: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let (mut mm, mut mv) = ([1.0, 2.0, -1.0, 0.0], [4.0, 0.25, 1.0, 9.0]);
+    let (mut bm, mut bv) = ([0.0; 4], [0.0; 4]);
+    let bn = BatchNorm::new(Config::onnx(), &mut mm, &mut mv, &mut bm, &mut bv).unwrap();
+    let mut y = vec![0.0; 24];
+    bn.infer(&x, &mut y, shape).unwrap();
+    let p = Params {
+        mean: &[1.0, 2.0, -1.0, 0.0],
+        variance: &[4.0, 0.25, 1.0, 9.0],
+        scale: None,
+        offset: None,
+        epsilon: 1e-5,
+        activation: Activation::None,
+    };
+    let mut y2 = vec![0.0; 24];
+    normalize(&x, &mut y2, shape, &p).unwrap();
+    assert_eq!(y, y2);
+    let mut z = x.clone();
+    bn.infer_in_place(&mut z, shape).unwrap();
+    assert_eq!(y, z);
+}
+
+#[test]
+fn bessel_factor_and_its_clamp_at_one_element() {
+    let cfg = Config::pytorch_momentum(Some(1.0)); // decay 0: overwrite
+    let (mut mm, mut mv) = ([0.0f32], [1.0f32]);
+    update_moving(&mut mm, &mut mv, &[3.0], &[2.0], 4, 1, &cfg).unwrap();
+    assert_eq!((mm[0], mv[0]), (3.0, 2.0 * 4.0 / 3.0));
+    update_moving(&mut mm, &mut mv, &[5.0], &[0.0], 1, 2, &cfg).unwrap();
+    assert_eq!((mm[0], mv[0]), (5.0, 0.0)); // factor 1, not a NaN
+                                            // A single-element batch through the layer: variance 0, moving variance finite.
+    let mut bn = BatchNormArray::<2>::new(Config::tf_fused(0.5));
+    let mut y = [0.0; 2];
+    bn.train(&[4.0, -4.0], &mut y, Shape::rows(1, 2)).unwrap();
+    assert_eq!(bn.batch_variance, [0.0, 0.0]);
+    assert_eq!(y, [0.0, 0.0]); // a zero variance normalizes to the offset
+    assert_eq!(bn.moving_variance, [0.5, 0.5]);
+}
+
+#[test]
+fn cumulative_momentum_is_the_running_average() {
+    let mut bn = BatchNormArray::<1>::new(Config::pytorch_momentum(None));
+    let mut y = [0.0; 2];
+    let batches = [[1.0, 3.0], [5.0, 7.0], [-3.0, 9.0]];
+    for b in batches {
+        bn.train(&b, &mut y, Shape::rows(2, 1)).unwrap();
+    }
+    // Means 2, 6, 3: their average.
+    assert!((bn.moving_mean[0] - 11.0 / 3.0).abs() < 1e-6);
+    // Sample variances 2, 2, 72: their average.
+    assert!((bn.moving_variance[0] - 76.0 / 3.0).abs() < 1e-5);
+}
+
+#[test]
+fn constant_channel_normalizes_to_offset_then_activation() {
+    let shape = Shape::nchw(3, 2, 5);
+    let mut x = vec![7.25f32; 30];
+    for v in x.iter_mut().skip(5).step_by(10).take(3) {
+        *v = 1.0;
+    }
+    let mut bn = BatchNormArray::<2>::new(Config::keras().with_activation(Activation::Relu6));
+    bn.offset = [2.5, -1.0];
+    let mut y = vec![0.0; 30];
+    bn.train(&x, &mut y, shape).unwrap();
+    assert_eq!(bn.batch_variance[0], 0.0);
+    for n in 0..3 {
+        for s in 0..5 {
+            assert_eq!(y[(n * 2) * 5 + s], 2.5);
+        }
+    }
+    assert!(y.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn nan_poisons_only_its_channel() {
+    for simd in Simd::ALL {
+        for shape in [
+            Shape::nhwc(9, 7, 5),
+            Shape::nchw(3, 5, 21),
+            Shape::nchw(40, 5, 1),
+        ] {
+            let mut rng = Rng::new(9);
+            let mut x = channel_data(&mut rng, shape, &[1.0], &[1.0]);
+            let bad = 2;
+            x[batchnorm::reference::index(shape, 1, 3 % shape.spatial, bad)] = f32::NAN;
+            let inf = 4;
+            x[batchnorm::reference::index(shape, 2, 0, inf)] = f32::INFINITY;
+            let mut bn = BatchNormArray::<5>::new(Config::keras()).clone();
+            let mut y = vec![0.0; x.len()];
+            let mut layer_y = y.clone();
+            {
+                let (mut mm, mut mv, mut bm, mut bv) = ([0.0; 5], [1.0; 5], [0.0; 5], [0.0; 5]);
+                let mut l = BatchNorm::new(Config::keras(), &mut mm, &mut mv, &mut bm, &mut bv)
+                    .unwrap()
+                    .with_simd(simd);
+                l.train(&x, &mut layer_y, shape).unwrap();
+                for c in 0..5 {
+                    let poisoned = c == bad || c == inf;
+                    assert_eq!(
+                        l.batch_variance()[c].is_nan(),
+                        poisoned,
+                        "{simd:?} {shape:?} c={c}"
+                    );
+                    assert_eq!(l.moving_variance()[c].is_nan(), poisoned);
+                    assert_eq!(l.batch_mean()[c].is_finite(), !poisoned);
+                }
+            }
+            bn.train(&x, &mut y, shape).unwrap();
+            for n in 0..shape.batch {
+                for s in 0..shape.spatial {
+                    for c in 0..5 {
+                        let i = batchnorm::reference::index(shape, n, s, c);
+                        assert_eq!(
+                            layer_y[i].is_nan(),
+                            c == bad || c == inf,
+                            "{simd:?} {shape:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every error leaves outputs and state bit-for-bit as they were.
+#[test]
+fn errors_write_nothing() {
+    let shape = Shape::nhwc(2, 2, 3);
+    let x = [1.0f32; 12];
+    let sentinel = -12345.5f32;
+    let mut y = [sentinel; 12];
+    let (mut m, mut v) = ([sentinel; 3], [sentinel; 3]);
+    let cases: [(Shape, usize, usize, Error); 5] = [
+        (
+            shape,
+            11,
+            3,
+            Error::Length {
+                what: "x",
+                expected: 12,
+                actual: 11,
+            },
+        ),
+        (
+            shape,
+            12,
+            2,
+            Error::Length {
+                what: "mean",
+                expected: 3,
+                actual: 2,
+            },
+        ),
+        (Shape::nhwc(0, 2, 3), 0, 3, Error::EmptyBatch),
+        (Shape::nhwc(1, 1, 0), 0, 0, Error::ZeroChannels),
+        (
+            Shape::nhwc(usize::MAX, 2, 3),
+            12,
+            3,
+            Error::ShapeOverflow {
+                batch: usize::MAX,
+                spatial: 2,
+                channels: 3,
+            },
+        ),
+    ];
+    for (s, xl, cl, err) in cases {
+        assert_eq!(moments(&x[..xl], s, &mut m[..cl], &mut v[..cl]), Err(err));
+        assert_eq!((m, v), ([sentinel; 3], [sentinel; 3]));
+    }
+
+    let mk = |eps: f32, act: Activation| Params {
+        mean: &[0.0; 3],
+        variance: &[1.0; 3],
+        scale: None,
+        offset: None,
+        epsilon: eps,
+        activation: act,
+    };
+    for (p, err) in [
+        (mk(-1.0, Activation::None), Error::Epsilon(-1.0)),
+        (
+            mk(f32::INFINITY, Activation::None),
+            Error::Epsilon(f32::INFINITY),
+        ),
+        (
+            mk(0.0, Activation::Clamp { min: 1.0, max: 0.0 }),
+            Error::Clamp { min: 1.0, max: 0.0 },
+        ),
+    ] {
+        assert_eq!(normalize(&x, &mut y, shape, &p), Err(err));
+        assert_eq!(y, [sentinel; 12]);
+    }
+    let p = mk(f32::NAN, Activation::None);
+    assert!(matches!(normalize(&x, &mut y, shape, &p), Err(Error::Epsilon(e)) if e.is_nan()));
+    let p = Params {
+        scale: Some(&[1.0; 2]),
+        ..mk(0.0, Activation::None)
+    };
+    assert_eq!(
+        normalize(&x, &mut y, shape, &p),
+        Err(Error::Length {
+            what: "scale",
+            expected: 3,
+            actual: 2
+        })
+    );
+    assert_eq!(y, [sentinel; 12]);
+
+    // The layer: state untouched by a bad call.
+    let (mut mm, mut mv, mut bm, mut bv) = ([0.5f32; 3], [2.0f32; 3], [sentinel; 3], [sentinel; 3]);
+    let mut bn = BatchNorm::new(Config::keras(), &mut mm, &mut mv, &mut bm, &mut bv).unwrap();
+    for (xs, s) in [
+        (&x[..12], Shape::nhwc(2, 2, 4)),
+        (&x[..11], shape),
+        (&x[..0], Shape::nhwc(0, 1, 3)),
+    ] {
+        assert!(bn.train(xs, &mut y, s).is_err());
+        assert_eq!(y, [sentinel; 12]);
+        assert_eq!(
+            (bn.moving_mean(), bn.moving_variance()),
+            (&[0.5f32; 3][..], &[2.0f32; 3][..])
+        );
+        assert_eq!(
+            (bn.batch_mean(), bn.batch_variance()),
+            (&[sentinel; 3][..], &[sentinel; 3][..])
+        );
+        assert_eq!(bn.batches(), 0);
+    }
+    assert!(bn.train(&x, &mut y[..11], shape).is_err());
+    assert_eq!(bn.batches(), 0);
+    assert_eq!(bn.batch_mean(), &[sentinel; 3][..]);
+
+    // Bad configs are refused up front.
+    let (mut a, mut b, mut c, mut d) = ([0.0f32; 1], [1.0f32; 1], [0.0f32; 1], [0.0f32; 1]);
+    for cfg in [
+        Config::tf_fused(2.0),
+        Config::keras().with_epsilon(-1e-3),
+        Config {
+            momentum: Momentum::Decay(f32::NAN),
+            ..Config::onnx()
+        },
+        Config::onnx().with_activation(Activation::Clamp {
+            min: f32::NAN,
+            max: 1.0,
+        }),
+    ] {
+        assert!(BatchNorm::new(cfg, &mut a, &mut b, &mut c, &mut d).is_err());
+        assert!(update_moving(&mut a, &mut b, &[1.0], &[1.0], 2, 1, &cfg).is_err());
+        assert_eq!((a, b), ([0.0], [1.0]));
+    }
+    assert_eq!(
+        update_moving(&mut a, &mut b, &[1.0], &[1.0], 0, 1, &Config::keras()),
+        Err(Error::EmptyBatch)
+    );
+    assert_eq!((a, b), ([0.0], [1.0]));
+}
+
+#[test]
+fn errors_display_expected_and_actual() {
+    let e = Error::Length {
+        what: "y",
+        expected: 12,
+        actual: 11,
+    };
+    assert_eq!(e.to_string(), "`y` has length 11, the shape needs 12");
+    let e: &dyn std::error::Error = &Error::EmptyBatch;
+    assert!(e.to_string().contains("empty"));
+}
