@@ -414,6 +414,19 @@ impl Cursor {
         }
         r
     }
+
+    /// Skips `n` rows, all within the current run (`i + n <= inner`).
+    #[inline(always)]
+    fn advance(&mut self, n: usize) {
+        self.i += n;
+        if self.i == self.rows.inner {
+            self.i = 0;
+            self.run_start += self.rows.outer_stride;
+            self.pos = self.run_start;
+        } else {
+            self.pos += n * self.rows.inner_stride;
+        }
+    }
 }
 
 /// One column group: `nv` vectors at `cols` (offsets from a row start), and
@@ -428,20 +441,49 @@ struct Columns {
 /// number of vectors so that the accumulators are a fixed-size array the
 /// compiler keeps in registers.
 fn sweep<V: Lane>(x: &[f32], rows: Rows, cols: &Columns, g: &mut Group, channels: usize) {
-    match cols.nv {
-        1 => sweep_n::<V, 1>(x, rows, cols, g, channels),
-        2 => sweep_n::<V, 2>(x, rows, cols, g, channels),
-        3 => sweep_n::<V, 3>(x, rows, cols, g, channels),
-        4 => sweep_n::<V, 4>(x, rows, cols, g, channels),
-        5 => sweep_n::<V, 5>(x, rows, cols, g, channels),
-        6 => sweep_n::<V, 6>(x, rows, cols, g, channels),
-        7 => sweep_n::<V, 7>(x, rows, cols, g, channels),
-        _ => sweep_n::<V, 8>(x, rows, cols, g, channels),
+    let w = V::WIDTH;
+    let contiguous = (0..cols.nv).all(|v| cols.cols[v] == cols.cols[0] + v * w);
+    macro_rules! by_nv {
+        ($contig:literal) => {
+            match cols.nv {
+                1 => sweep_n::<V, 1, $contig>(x, rows, cols, g, channels),
+                2 => sweep_n::<V, 2, $contig>(x, rows, cols, g, channels),
+                3 => sweep_n::<V, 3, $contig>(x, rows, cols, g, channels),
+                4 => sweep_n::<V, 4, $contig>(x, rows, cols, g, channels),
+                5 => sweep_n::<V, 5, $contig>(x, rows, cols, g, channels),
+                6 => sweep_n::<V, 6, $contig>(x, rows, cols, g, channels),
+                7 => sweep_n::<V, 7, $contig>(x, rows, cols, g, channels),
+                _ => sweep_n::<V, 8, $contig>(x, rows, cols, g, channels),
+            }
+        };
+    }
+    if contiguous {
+        by_nv!(true)
+    } else {
+        by_nv!(false)
+    }
+}
+
+/// The `NV` vectors of one row. With `CONTIG` (vectors back to back) the row
+/// is sliced once to a length known at compile time, so the loads carry no
+/// bounds checks; otherwise each load is checked.
+#[inline(always)]
+fn row_vectors<V: Lane, const NV: usize, const CONTIG: bool>(
+    x: &[f32],
+    start: usize,
+    col: &[usize; NV],
+) -> [V; NV] {
+    let w = V::WIDTH;
+    if CONTIG {
+        let seg = &x[start + col[0]..start + col[0] + NV * w];
+        core::array::from_fn(|v| V::load(&seg[v * w..]))
+    } else {
+        core::array::from_fn(|v| V::load(&x[start + col[v]..]))
     }
 }
 
 #[inline(always)]
-fn sweep_n<V: Lane, const NV: usize>(
+fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
     x: &[f32],
     rows: Rows,
     cols: &Columns,
@@ -486,24 +528,43 @@ fn sweep_n<V: Lane, const NV: usize>(
         let mut q = [V::splat(0.0); MAX_SLOTS];
         let full = block / unroll;
         let rest = block % unroll;
-        for _ in 0..full {
+        let step = unroll * NV * w;
+        let dense = CONTIG && rows.inner_stride == NV * w && cursor.i + full * unroll <= rows.inner;
+        if dense {
+            // Back-to-back rows inside one run: one slice for the whole
+            // block, walked in steps whose length the compiler knows.
+            let base = cursor.pos + col[0];
+            for chunk in x[base..base + full * step].chunks_exact(step) {
+                for u in 0..unroll {
+                    for v in 0..NV {
+                        let i = u * NV + v;
+                        let d = V::load(&chunk[i * w..]).sub(k[v]);
+                        s[i] = s[i].add(d);
+                        q[i] = d.mul_add(d, q[i]);
+                    }
+                }
+            }
+            cursor.advance(full * unroll);
+        }
+        for _ in 0..if dense { 0 } else { full } {
             let mut start = [0usize; MAX_SLOTS];
             for st in start.iter_mut().take(unroll) {
                 *st = cursor.next();
             }
             for u in 0..unroll {
+                let row = row_vectors::<V, NV, CONTIG>(x, start[u], &col);
                 for v in 0..NV {
                     let i = u * NV + v;
-                    let d = V::load(&x[start[u] + col[v]..]).sub(k[v]);
+                    let d = row[v].sub(k[v]);
                     s[i] = s[i].add(d);
                     q[i] = d.mul_add(d, q[i]);
                 }
             }
         }
         for _ in 0..rest {
-            let start = cursor.next();
+            let row = row_vectors::<V, NV, CONTIG>(x, cursor.next(), &col);
             for v in 0..NV {
-                let d = V::load(&x[start + col[v]..]).sub(k[v]);
+                let d = row[v].sub(k[v]);
                 s[v] = s[v].add(d);
                 q[v] = d.mul_add(d, q[v]);
             }

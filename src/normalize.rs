@@ -114,9 +114,21 @@ impl Act for Band {
 }
 
 /// Where the kernel reads `x` and writes `y`: two slices, or one in place.
+/// Each method walks `len` elements from `start` in whole vectors of `V`
+/// with `chunks_exact`, so the hot loop has no bounds checks; `len` must be
+/// a multiple of `V::WIDTH` (tails go through `V = f32`).
 pub(crate) trait Io {
-    fn load<V: Lane>(&self, i: usize) -> V;
-    fn store<V: Lane>(&mut self, i: usize, v: V);
+    /// `y = f(x)` with the same coefficients everywhere.
+    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V);
+    /// `y = f(x, a, b)` with per-element coefficients `pa`, `pb`
+    /// (`len = pa.len()`).
+    fn map_pattern<V: Lane>(
+        &mut self,
+        start: usize,
+        pa: &[f32],
+        pb: &[f32],
+        f: impl Fn(V, V, V) -> V,
+    );
 }
 
 pub(crate) struct Split<'a> {
@@ -126,12 +138,28 @@ pub(crate) struct Split<'a> {
 
 impl Io for Split<'_> {
     #[inline(always)]
-    fn load<V: Lane>(&self, i: usize) -> V {
-        V::load(&self.x[i..])
+    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V) {
+        let w = V::WIDTH;
+        let xs = self.x[start..start + len].chunks_exact(w);
+        for (xc, yc) in xs.zip(self.y[start..start + len].chunks_exact_mut(w)) {
+            f(V::load(xc)).store(yc);
+        }
     }
     #[inline(always)]
-    fn store<V: Lane>(&mut self, i: usize, v: V) {
-        v.store(&mut self.y[i..]);
+    fn map_pattern<V: Lane>(
+        &mut self,
+        start: usize,
+        pa: &[f32],
+        pb: &[f32],
+        f: impl Fn(V, V, V) -> V,
+    ) {
+        let (w, len) = (V::WIDTH, pa.len());
+        let xs = self.x[start..start + len].chunks_exact(w);
+        let ys = self.y[start..start + len].chunks_exact_mut(w);
+        let ps = pa.chunks_exact(w).zip(pb.chunks_exact(w));
+        for ((xc, yc), (ac, bc)) in xs.zip(ys).zip(ps) {
+            f(V::load(xc), V::load(ac), V::load(bc)).store(yc);
+        }
     }
 }
 
@@ -139,12 +167,24 @@ pub(crate) struct InPlace<'a>(pub(crate) &'a mut [f32]);
 
 impl Io for InPlace<'_> {
     #[inline(always)]
-    fn load<V: Lane>(&self, i: usize) -> V {
-        V::load(&self.0[i..])
+    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V) {
+        for yc in self.0[start..start + len].chunks_exact_mut(V::WIDTH) {
+            f(V::load(yc)).store(yc);
+        }
     }
     #[inline(always)]
-    fn store<V: Lane>(&mut self, i: usize, v: V) {
-        v.store(&mut self.0[i..]);
+    fn map_pattern<V: Lane>(
+        &mut self,
+        start: usize,
+        pa: &[f32],
+        pb: &[f32],
+        f: impl Fn(V, V, V) -> V,
+    ) {
+        let w = V::WIDTH;
+        let ys = self.0[start..start + pa.len()].chunks_exact_mut(w);
+        for (yc, (ac, bc)) in ys.zip(pa.chunks_exact(w).zip(pb.chunks_exact(w))) {
+            f(V::load(yc), V::load(ac), V::load(bc)).store(yc);
+        }
     }
 }
 
@@ -423,21 +463,15 @@ fn splat_span<V: Lane, A: Act, IO: Io>(
     b: f32,
     act: A,
 ) {
-    let w = V::WIDTH;
     let (va, vb) = (V::splat(a), V::splat(b));
-    let whole = len / w * w;
-    let mut i = 0;
-    while i < whole {
-        let y = io.load::<V>(start + i).mul_add(va, vb);
-        io.store(start + i, act.apply(y));
-        i += w;
-    }
-    if w > 1 {
+    let whole = len / V::WIDTH * V::WIDTH;
+    io.map::<V>(start, whole, |x| act.apply(x.mul_add(va, vb)));
+    if V::WIDTH > 1 {
         splat_span::<f32, A, IO>(io, start + whole, len - whole, a, b, act);
     }
 }
 
-/// `len` elements from `start` with per-element coefficients `pa`, `pb`.
+/// `pa.len()` elements from `start` with per-element coefficients `pa`, `pb`.
 #[inline(always)]
 fn pattern_span<V: Lane, A: Act, IO: Io>(
     io: &mut IO,
@@ -446,18 +480,11 @@ fn pattern_span<V: Lane, A: Act, IO: Io>(
     pb: &[f32],
     act: A,
 ) {
-    let w = V::WIDTH;
-    let len = pa.len();
-    let whole = len / w * w;
-    let mut i = 0;
-    while i < whole {
-        let y = io
-            .load::<V>(start + i)
-            .mul_add(V::load(&pa[i..]), V::load(&pb[i..]));
-        io.store(start + i, act.apply(y));
-        i += w;
-    }
-    if w > 1 {
+    let whole = pa.len() / V::WIDTH * V::WIDTH;
+    io.map_pattern::<V>(start, &pa[..whole], &pb[..whole], |x, a, b| {
+        act.apply(x.mul_add(a, b))
+    });
+    if V::WIDTH > 1 {
         pattern_span::<f32, A, IO>(io, start + whole, &pa[whole..], &pb[whole..], act);
     }
 }
