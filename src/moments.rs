@@ -464,6 +464,17 @@ fn sweep<V: Lane>(x: &[f32], rows: Rows, cols: &Columns, g: &mut Group, channels
     }
 }
 
+/// The shifted sums of one row: `s += x - k`, `q += (x - k)²`, three
+/// vector operations per vector of input.
+#[inline(always)]
+fn add_row<V: Lane, const NV: usize>(s: &mut [V], q: &mut [V], row: [V; NV], k: &[V; NV]) {
+    for ((x, kv), (sv, qv)) in row.iter().zip(k).zip(s.iter_mut().zip(q.iter_mut())) {
+        let d = x.sub(*kv);
+        *sv = sv.add(d);
+        *qv = d.mul_add(d, *qv);
+    }
+}
+
 /// The `NV` vectors of one row. With `CONTIG` (vectors back to back) the row
 /// is sliced once to a length known at compile time, so the loads carry no
 /// bounds checks; otherwise each load is checked.
@@ -536,12 +547,8 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
             let base = cursor.pos + col[0];
             for chunk in x[base..base + full * step].chunks_exact(step) {
                 for u in 0..unroll {
-                    for v in 0..NV {
-                        let i = u * NV + v;
-                        let d = V::load(&chunk[i * w..]).sub(k[v]);
-                        s[i] = s[i].add(d);
-                        q[i] = d.mul_add(d, q[i]);
-                    }
+                    let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
+                    add_row(&mut s[u * NV..], &mut q[u * NV..], row, &k);
                 }
             }
             cursor.advance(full * unroll);
@@ -551,23 +558,14 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
             for st in start.iter_mut().take(unroll) {
                 *st = cursor.next();
             }
-            for u in 0..unroll {
-                let row = row_vectors::<V, NV, CONTIG>(x, start[u], &col);
-                for v in 0..NV {
-                    let i = u * NV + v;
-                    let d = row[v].sub(k[v]);
-                    s[i] = s[i].add(d);
-                    q[i] = d.mul_add(d, q[i]);
-                }
+            for (u, &st) in start.iter().enumerate().take(unroll) {
+                let row = row_vectors::<V, NV, CONTIG>(x, st, &col);
+                add_row(&mut s[u * NV..], &mut q[u * NV..], row, &k);
             }
         }
         for _ in 0..rest {
             let row = row_vectors::<V, NV, CONTIG>(x, cursor.next(), &col);
-            for v in 0..NV {
-                let d = row[v].sub(k[v]);
-                s[v] = s[v].add(d);
-                q[v] = d.mul_add(d, q[v]);
-            }
+            add_row(&mut s, &mut q, row, &k);
         }
         for i in 0..slots {
             let n = (full + if i < NV { rest } else { 0 }) as u64;
