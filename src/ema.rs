@@ -191,8 +191,11 @@ pub(crate) fn apply(
     config: &Config,
 ) {
     let d = config.momentum.decay(batches);
-    // Keras computes `moving * momentum + batch * (1 - momentum)` in f32;
-    // the same expression keeps us bit-close to its moving statistics.
+    // `moving * d + batch * (1 - d)`, Keras' and ONNX's expression. `1 - d`
+    // is exact in f32 for d in [0.5, 1] and matches ONNX Runtime (f32
+    // momentum) bit for bit; Keras forms `1 - momentum` from the Python
+    // double 0.99 before rounding, so its weight differs from ours by 8e-9
+    // and its moving mean by a few ulps (tests/golden.rs models this).
     let w = 1.0 - d;
     let bessel = match config.moving_variance {
         Variance::Population => 1.0,

@@ -62,8 +62,9 @@ pub fn mean_bound(mean_ref: f64, var_ref: f64) -> f64 {
 
 /// Bound on the variance's relative error: `1e-5` when the channel is well
 /// conditioned (`|mean| <= 10 σ`), `1e-3` otherwise (DESIGN §3 promises it
-/// up to `|mean| <= 1e4 σ`; the kernels keep it beyond, and the oracle holds
-/// them to it).
+/// up to `|mean| <= 1e4 σ`; one `moments` or `accumulate` call keeps it
+/// beyond, and [`check_moments`] holds them to it, but a chain of merged
+/// `f32` `Moments` records only keeps it inside that range).
 pub fn variance_rel_bound(mean_ref: f64, var_ref: f64) -> f64 {
     if mean_ref.abs() <= 10.0 * libm::sqrt(var_ref) {
         1e-5
