@@ -26,6 +26,10 @@ use wide::{f32x16, f32x4, f32x8};
 pub(crate) trait Lane: Copy {
     /// Number of `f32` lanes.
     const WIDTH: usize;
+    /// The type with half the lanes (`f32` for `f32` and `f32x4`): tails
+    /// shorter than a vector cascade through it instead of dropping straight
+    /// to one lane.
+    type Half: Lane;
     /// How many vectors of this type one kernel keeps live as independent
     /// accumulators (bounded by the register file of the targets that run the
     /// type natively: 32 registers for AVX-512 and NEON, 16 for SSE/AVX).
@@ -51,6 +55,7 @@ pub(crate) trait Lane: Copy {
 
 impl Lane for f32 {
     const WIDTH: usize = 1;
+    type Half = f32;
     // Four scalar chains hide the add latency on an in-order core without
     // spilling on a 16-register one.
     const SLOTS: usize = 4;
@@ -99,9 +104,10 @@ impl Lane for f32 {
 }
 
 macro_rules! wide_lane {
-    ($t:ident, $n:literal, $slots:expr) => {
+    ($t:ident, $n:literal, $slots:expr, $half:ty) => {
         impl Lane for $t {
             const WIDTH: usize = $n;
+            type Half = $half;
             const SLOTS: usize = $slots;
             #[inline(always)]
             fn splat(v: f32) -> Self {
@@ -151,9 +157,9 @@ const WIDE_SLOTS: usize = 8;
 #[cfg(not(any(target_feature = "avx512f", target_arch = "aarch64")))]
 const WIDE_SLOTS: usize = 4;
 
-wide_lane!(f32x4, 4, WIDE_SLOTS);
-wide_lane!(f32x8, 8, WIDE_SLOTS);
-wide_lane!(f32x16, 16, WIDE_SLOTS);
+wide_lane!(f32x4, 4, WIDE_SLOTS, f32);
+wide_lane!(f32x8, 8, WIDE_SLOTS, f32x4);
+wide_lane!(f32x16, 16, WIDE_SLOTS, f32x8);
 
 /// The lane width a kernel runs with.
 ///

@@ -22,7 +22,7 @@
 //!   the caller's `a` and `b` slices directly.
 //!
 //! Tails (the end of a run, of a row, or a partial super-row) go through the
-//! same code instantiated with one-lane `f32`.
+//! same code with half-width lanes, down to one-lane `f32`.
 //!
 //! # Stack
 //!
@@ -466,8 +466,8 @@ fn splat_span<V: Lane, A: Act, IO: Io>(
     let (va, vb) = (V::splat(a), V::splat(b));
     let whole = len / V::WIDTH * V::WIDTH;
     io.map::<V>(start, whole, |x| act.apply(x.mul_add(va, vb)));
-    if V::WIDTH > 1 {
-        splat_span::<f32, A, IO>(io, start + whole, len - whole, a, b, act);
+    if V::WIDTH > 1 && whole < len {
+        splat_span::<V::Half, A, IO>(io, start + whole, len - whole, a, b, act);
     }
 }
 
