@@ -104,6 +104,18 @@ impl Acc {
         }
     }
 
+    /// [`merge`](Acc::merge) of two non-empty records with the weight
+    /// `wb = o.n / (self.n + o.n)` already computed.
+    #[inline]
+    fn merge_weighted(self, o: Acc, wb: f64) -> Acc {
+        let delta = o.mean - self.mean;
+        Acc {
+            n: self.n + o.n,
+            mean: self.mean + delta * wb,
+            m2: self.m2 + o.m2 + delta * delta * self.n as f64 * wb,
+        }
+    }
+
     /// Population variance `m2 / n` (callers ensure `n > 0`).
     #[inline]
     pub(crate) fn variance(self, kind: Variance) -> f64 {
@@ -332,23 +344,41 @@ impl Group {
     /// Turns the block sums of each touched channel into a block record and
     /// merges it; the channel's new mean becomes its shift.
     fn end_block(&mut self, channels: usize) {
+        // Channels of one group nearly always share their counts, so the
+        // reciprocal and the merge weight are computed once per distinct
+        // count instead of three divisions per channel.
+        let (mut last_n, mut inv) = (0u64, 0.0f64);
+        let (mut last_a, mut last_b, mut wb) = (0u64, 0u64, 0.0f64);
         for c in 0..channels {
             let n = self.n[c];
             if n == 0 {
                 continue;
             }
-            let nf = n as f64;
+            if n != last_n {
+                last_n = n;
+                inv = 1.0 / n as f64;
+            }
             let (s1, s2) = (self.s1[c], self.s2[c]);
-            let m2 = s2 - s1 * s1 / nf;
+            let d = s1 * inv;
+            let m2 = s2 - s1 * d;
             // Rounding can leave a hair below zero for a constant channel;
             // `<` keeps a NaN.
             let m2 = if m2 < 0.0 { 0.0 } else { m2 };
             let block = Acc {
                 n,
-                mean: self.shift[c] as f64 + s1 / nf,
+                mean: self.shift[c] as f64 + d,
                 m2,
             };
-            self.acc[c] = self.acc[c].merge(block);
+            let a = self.acc[c];
+            self.acc[c] = if a.n == 0 {
+                block
+            } else {
+                if a.n != last_a || n != last_b {
+                    (last_a, last_b) = (a.n, n);
+                    wb = n as f64 / (a.n + n) as f64;
+                }
+                a.merge_weighted(block, wb)
+            };
             self.shift[c] = self.acc[c].mean as f32;
             self.s1[c] = 0.0;
             self.s2[c] = 0.0;
@@ -508,7 +538,6 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
     }
     // Rows unrolled per step so that `unroll * NV` chains run in parallel.
     let unroll = (V::SLOTS / NV).max(1);
-    let slots = unroll * NV;
     let col: [usize; NV] = core::array::from_fn(|v| cols.cols[v]);
 
     // A channel with no data yet takes its first element as its shift. The
@@ -523,13 +552,20 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
         }
     }
 
+    // Every lane of every vector counts for the same channel (NCHW runs).
+    let c0 = cols.chan[0];
+    let uniform = c0 != SKIP && cols.chan[..NV * w].iter().all(|&c| c == c0);
+
     let mut cursor = rows.cursor();
     let mut buf = [0.0f32; 16];
     let mut buf2 = [0.0f32; 16];
     let mut done = 0;
     while done < total {
-        let block = done.clamp(1, BLOCK_ROWS).min(total - done);
+        let block = (3 * done).clamp(1, BLOCK_ROWS).min(total - done);
         let k: [V; NV] = core::array::from_fn(|v| {
+            if uniform {
+                return V::splat(g.shift[c0 as usize]);
+            }
             for (b, &c) in buf.iter_mut().zip(&cols.chan[v * w..(v + 1) * w]) {
                 *b = if c == SKIP { 0.0 } else { g.shift[c as usize] };
             }
@@ -567,23 +603,55 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
             let row = row_vectors::<V, NV, CONTIG>(x, cursor.next(), &col);
             add_row(&mut s, &mut q, row, &k);
         }
-        for i in 0..slots {
-            let n = (full + if i < NV { rest } else { 0 }) as u64;
-            if n == 0 {
-                continue;
+        // Fold the unroll copies in f32 (slot `u * NV + v` has vector `v`'s
+        // lane map), and with a uniform map every vector into one: lane `j`
+        // of `s[v]` then holds `per_lane` elements.
+        for u in 1..unroll {
+            for v in 0..NV {
+                s[v] = s[v].add(s[u * NV + v]);
+                q[v] = q[v].add(q[u * NV + v]);
             }
-            s[i].store(&mut buf);
-            q[i].store(&mut buf2);
-            let v = i % NV;
+        }
+        let (nv, per_lane) = if uniform {
+            for v in 1..NV {
+                s[0] = s[0].add(s[v]);
+                q[0] = q[0].add(q[v]);
+            }
+            (1, (NV * block) as u64)
+        } else {
+            (NV, block as u64)
+        };
+        // Lanes of one channel are summed in registers and flushed when the
+        // channel changes, so no lane waits on a store to the same record.
+        for v in 0..nv {
+            s[v].store(&mut buf);
+            q[v].store(&mut buf2);
+            let mut cur = SKIP;
+            let (mut a1, mut a2, mut cnt) = (0.0f64, 0.0f64, 0u64);
             for j in 0..w {
                 let c = cols.chan[v * w + j];
                 if c == SKIP {
                     continue;
                 }
-                let c = c as usize;
-                g.s1[c] += buf[j] as f64;
-                g.s2[c] += buf2[j] as f64;
-                g.n[c] += n;
+                if c != cur {
+                    if cur != SKIP {
+                        let cu = cur as usize;
+                        g.s1[cu] += a1;
+                        g.s2[cu] += a2;
+                        g.n[cu] += cnt;
+                    }
+                    cur = c;
+                    (a1, a2, cnt) = (0.0, 0.0, 0);
+                }
+                a1 += buf[j] as f64;
+                a2 += buf2[j] as f64;
+                cnt += per_lane;
+            }
+            if cur != SKIP {
+                let cu = cur as usize;
+                g.s1[cu] += a1;
+                g.s2[cu] += a2;
+                g.n[cu] += cnt;
             }
         }
         g.end_block(channels);

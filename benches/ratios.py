@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Kernel / roofline ratios from criterion's output (DESIGN §4).
+
+Reads what `cargo bench` left on disk, measures nothing. For every
+benchmark, criterion 0.8 writes `<group>/<function>/<parameter>/new/` with
+`benchmark.json` (group_id, function_id, value_str, throughput) and
+`estimates.json` (ns per iteration). Directory names are sanitised by
+criterion (`moments/Nhwc/C3` becomes `moments_Nhwc_C3`, long names are cut,
+clashes get `_2`), so the tree is walked and the ids are taken from
+benchmark.json, not from the path. The median's point estimate is used.
+
+One row per (group, size, kernel), the kernel beside the limit measured in
+the same group on the same bytes:
+
+    moments                     vs roofline_read (or roofline)     target 0.9
+    affine, normalize*, infer   vs roofline_rw                     target 0.9
+    train                       vs roofline_read + roofline_rw     target 0.85
+                                   (the three-pass limit: times add up)
+    anything else               vs roofline_read (or roofline)     no target
+
+ratio = limit time / kernel time (= kernel GB/s / limit GB/s). GB/s are
+1e9 bytes/s of the group's Throughput::Bytes. Rows under their target are
+marked `*`. The scalar baselines of the moments bench (reference_f64,
+naive_welford) are rows only with --all.
+
+Where: the directory given as argument, else $CARGO_TARGET_DIR/criterion,
+else target/criterion at the repository root (beside benches/).
+
+    python3 benches/ratios.py [DIR] [--filter moments/] [--markdown] [--all]
+
+Python 3 standard library only.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+BASELINES = {"reference_f64", "naive_welford"}
+RW_KERNELS = ("affine", "normalize", "infer")
+TARGET = 0.9
+TRAIN_TARGET = 0.85
+
+
+def criterion_dir(arg):
+    if arg:
+        return Path(arg)
+    target = os.environ.get("CARGO_TARGET_DIR")
+    if target:
+        return Path(target) / "criterion"
+    return Path(__file__).resolve().parent.parent / "target" / "criterion"
+
+
+def load(root):
+    """{(group, size): {function: (bytes, ns)}} from every `new/` folder."""
+    out = {}
+    for meta_path in sorted(root.rglob("benchmark.json")):
+        new = meta_path.parent
+        if new.name != "new":  # base/ and change/ are older runs
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+            est = json.loads((new / "estimates.json").read_text())
+            ns = float(est["median"]["point_estimate"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"skipping {new}: {e}", file=sys.stderr)
+            continue
+        group, func = meta.get("group_id"), meta.get("function_id")
+        tp = meta.get("throughput") or {}
+        nbytes = tp.get("Bytes") or tp.get("BytesDecimal")
+        if group is None or func is None or not nbytes or ns <= 0:
+            continue
+        out.setdefault((group, meta.get("value_str") or ""), {})[func] = (nbytes, ns)
+    return out
+
+
+def limit_for(func, funcs):
+    """(label, ns, target) of the limit `func` is measured against, or None."""
+    read = funcs.get("roofline_read") or funcs.get("roofline")
+    rw = funcs.get("roofline_rw")
+    if func == "train" and read and rw:
+        return "read+rw", read[1] + rw[1], TRAIN_TARGET
+    if func.startswith(RW_KERNELS) and rw:
+        return "roofline_rw", rw[1], TARGET
+    if read:
+        name = "roofline_read" if "roofline_read" in funcs else "roofline"
+        return name, read[1], TARGET if func == "moments" else None
+    return None
+
+
+def natural(s):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dir", nargs="?", help="criterion directory (default: see above)")
+    ap.add_argument("--filter", default="", help="only rows whose group/size/kernel contains this")
+    ap.add_argument("--markdown", action="store_true", help="a Markdown table")
+    ap.add_argument("--all", action="store_true", help="include the scalar baselines")
+    args = ap.parse_args()
+    if hasattr(signal, "SIGPIPE"):  # quiet under `| head`
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+    root = criterion_dir(args.dir)
+    if not root.is_dir():
+        sys.exit(f"no criterion output at {root}: run `cargo bench` first")
+    results = load(root)
+
+    rows = []
+    for (group, size), funcs in results.items():
+        nbytes = next(iter(funcs.values()))[0]
+        for func, (fbytes, ns) in funcs.items():
+            if func.startswith("roofline") or (func in BASELINES and not args.all):
+                continue
+            if args.filter and args.filter not in f"{group}/{size}/{func}":
+                continue
+            lim = limit_for(func, funcs)
+            if lim is None:
+                continue
+            lname, lns, target = lim
+            ratio = lns / ns
+            flag = " *" if target is not None and ratio < target else ""
+            rows.append((
+                (natural(group), nbytes, natural(func)),
+                [group, size, func, lname, f"{fbytes / lns:.2f}", f"{fbytes / ns:.2f}",
+                 f"{ratio:.2f}{flag}"],
+                target is not None,
+                bool(flag),
+            ))
+    if not rows:
+        sys.exit(f"no kernel/roofline pairs under {root}")
+    rows.sort(key=lambda r: r[0])
+
+    header = ["group", "size", "kernel", "limit", "limit GB/s", "kernel GB/s", "ratio"]
+    table = [r[1] for r in rows]
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|")
+        for r in table:
+            print("| " + " | ".join(r) + " |")
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
+
+        def line(r):
+            return "  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths)))
+
+        print(line(header))
+        print(line(["-" * w for w in widths]))
+        for r in table:
+            print(line(r))
+    below = sum(r[3] for r in rows)
+    targeted = sum(r[2] for r in rows)
+    print(f"\n{below} of {targeted} rows with a target are below it (*: 0.9, train 0.85); "
+          f"medians from {root}")
+
+
+if __name__ == "__main__":
+    main()
