@@ -42,6 +42,8 @@ pub(crate) trait Lane: Copy {
     fn store(self, out: &mut [f32]);
     /// Lane-wise `self + o`.
     fn add(self, o: Self) -> Self;
+    /// The sum of the lanes (pairwise, in registers).
+    fn reduce_add(self) -> f32;
     /// Lane-wise `self - o`.
     fn sub(self, o: Self) -> Self;
     /// Lane-wise `self * m + a`: fused where the target has FMA.
@@ -74,6 +76,10 @@ impl Lane for f32 {
     #[inline(always)]
     fn add(self, o: Self) -> Self {
         self + o
+    }
+    #[inline(always)]
+    fn reduce_add(self) -> f32 {
+        self
     }
     #[inline(always)]
     fn sub(self, o: Self) -> Self {
@@ -129,6 +135,10 @@ macro_rules! wide_lane {
             #[inline(always)]
             fn add(self, o: Self) -> Self {
                 self + o
+            }
+            #[inline(always)]
+            fn reduce_add(self) -> f32 {
+                $t::reduce_add(self)
             }
             #[inline(always)]
             fn sub(self, o: Self) -> Self {

@@ -94,14 +94,7 @@ impl Acc {
         if self.n == 0 {
             return o;
         }
-        let n = self.n + o.n;
-        let wb = o.n as f64 / n as f64;
-        let delta = o.mean - self.mean;
-        Acc {
-            n,
-            mean: self.mean + delta * wb,
-            m2: self.m2 + o.m2 + delta * delta * self.n as f64 * wb,
-        }
+        self.merge_weighted(o, o.n as f64 / (self.n + o.n) as f64)
     }
 
     /// [`merge`](Acc::merge) of two non-empty records with the weight
@@ -341,49 +334,83 @@ impl Group {
         }
     }
 
+    /// Adds one run's shifted sums of `len` elements to channel `c`'s block.
+    #[inline(always)]
+    fn add_sums(&mut self, c: usize, (s1, s2): (f64, f64), len: usize) {
+        self.s1[c] += s1;
+        self.s2[c] += s2;
+        self.n[c] += len as u64;
+    }
+
+    /// Ends the block of one channel.
+    fn end_one(&mut self, c: usize) {
+        self.end_channel(c, &mut Weights::default());
+    }
+
     /// Turns the block sums of each touched channel into a block record and
     /// merges it; the channel's new mean becomes its shift.
     fn end_block(&mut self, channels: usize) {
-        // Channels of one group nearly always share their counts, so the
-        // reciprocal and the merge weight are computed once per distinct
-        // count instead of three divisions per channel.
-        let (mut last_n, mut inv) = (0u64, 0.0f64);
-        let (mut last_a, mut last_b, mut wb) = (0u64, 0u64, 0.0f64);
+        let mut w = Weights::default();
         for c in 0..channels {
-            let n = self.n[c];
-            if n == 0 {
-                continue;
-            }
-            if n != last_n {
-                last_n = n;
-                inv = 1.0 / n as f64;
-            }
-            let (s1, s2) = (self.s1[c], self.s2[c]);
-            let d = s1 * inv;
-            let m2 = s2 - s1 * d;
-            // Rounding can leave a hair below zero for a constant channel;
-            // `<` keeps a NaN.
-            let m2 = if m2 < 0.0 { 0.0 } else { m2 };
-            let block = Acc {
-                n,
-                mean: self.shift[c] as f64 + d,
-                m2,
-            };
-            let a = self.acc[c];
-            self.acc[c] = if a.n == 0 {
-                block
-            } else {
-                if a.n != last_a || n != last_b {
-                    (last_a, last_b) = (a.n, n);
-                    wb = n as f64 / (a.n + n) as f64;
-                }
-                a.merge_weighted(block, wb)
-            };
-            self.shift[c] = self.acc[c].mean as f32;
-            self.s1[c] = 0.0;
-            self.s2[c] = 0.0;
-            self.n[c] = 0;
+            self.end_channel(c, &mut w);
         }
+    }
+
+    fn end_channel(&mut self, c: usize, w: &mut Weights) {
+        let n = self.n[c];
+        if n == 0 {
+            return;
+        }
+        let (s1, s2) = (self.s1[c], self.s2[c]);
+        let d = s1 * w.recip(n);
+        let m2 = s2 - s1 * d;
+        // Rounding can leave a hair below zero for a constant channel; `<`
+        // keeps a NaN.
+        let m2 = if m2 < 0.0 { 0.0 } else { m2 };
+        let block = Acc {
+            n,
+            mean: self.shift[c] as f64 + d,
+            m2,
+        };
+        let a = self.acc[c];
+        self.acc[c] = if a.n == 0 {
+            block
+        } else {
+            a.merge_weighted(block, w.weight(a.n, n))
+        };
+        self.shift[c] = self.acc[c].mean as f32;
+        self.s1[c] = 0.0;
+        self.s2[c] = 0.0;
+        self.n[c] = 0;
+    }
+}
+
+/// The divisions of a block end, cached: the channels of one group nearly
+/// always share their counts, so `1 / n` and the merge weight are computed
+/// once per distinct count rather than per channel.
+#[derive(Default)]
+struct Weights {
+    n: u64,
+    inv: f64,
+    a: u64,
+    b: u64,
+    wb: f64,
+}
+
+impl Weights {
+    fn recip(&mut self, n: u64) -> f64 {
+        if n != self.n {
+            (self.n, self.inv) = (n, 1.0 / n as f64);
+        }
+        self.inv
+    }
+
+    /// `b / (a + b)`, the weight of the new block in Chan's merge.
+    fn weight(&mut self, a: u64, b: u64) -> f64 {
+        if (a, b) != (self.a, self.b) {
+            (self.a, self.b, self.wb) = (a, b, b as f64 / (a + b) as f64);
+        }
+        self.wb
     }
 }
 
@@ -814,64 +841,92 @@ fn wide_rows<V: Lane>(
     }
 }
 
-/// NCHW with `s >= w`: channel by channel, each a set of `n` contiguous runs
-/// of `s` elements.
+/// Largest piece of a run reduced in `f32` before its sums go to `f64`:
+/// each lane then sums at most `RUN_PIECE / (SLOTS * lanes)` elements.
+const RUN_PIECE: usize = 16 * 1024;
+
+/// NCHW with `s >= w`: windows of up to [`GROUP_CHANNELS`] channels, walked
+/// batch element by batch element so that reads are in memory order (a
+/// window of one batch element is one contiguous stretch), each run of `s`
+/// elements reduced by [`run_sums`] around its channel's shift.
 fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut dyn FnMut(usize, Acc)) {
-    let w = V::WIDTH;
-    let chunk = V::SLOTS * w;
-    let body = s / chunk * chunk;
     let mut g = Group::new();
-    for ch in 0..c {
-        let base = ch * s;
-        let body_rows = Rows {
-            base,
-            outer: n,
-            outer_stride: c * s,
-            inner: s / chunk,
-            inner_stride: chunk,
-        };
-        let mut cols = Columns {
-            nv: V::SLOTS,
-            cols: [0; MAX_SLOTS],
-            chan: [0; MAX_SLOTS * 16],
-        };
-        for v in 0..V::SLOTS {
-            cols.cols[v] = v * w;
-        }
-        sweep::<V>(x, body_rows, &cols, &mut g, 1);
-        let rest = s - body;
-        if rest > 0 {
-            // The remainder of each run, as one row per run; channel index
-            // `div = s` maps every position of the run to this channel.
-            let vectors = rest.div_ceil(w);
-            let tail_rows = Rows {
-                base,
-                outer: n,
-                outer_stride: c * s,
-                inner: 1,
-                inner_stride: 0,
-            };
-            // Positions are relative to the run start so that the overlapping
-            // vector can reach back into the body.
-            let mut cols = Columns {
-                nv: vectors,
-                cols: [0; MAX_SLOTS],
-                chan: [SKIP; MAX_SLOTS * 16],
-            };
-            let whole = rest / w;
-            for v in 0..vectors {
-                let start = if v < whole { body + v * w } else { s - w };
-                cols.cols[v] = start;
-                for j in 0..w {
-                    if v >= whole && start + j < body + whole * w {
-                        continue;
+    let mut c0 = 0;
+    while c0 < c {
+        let cw = (c - c0).min(GROUP_CHANNELS);
+        for i in 0..n {
+            for ch in 0..cw {
+                let start = (i * c + c0 + ch) * s;
+                let mut run = &x[start..start + s];
+                if g.acc[ch].n == 0 && g.n[ch] == 0 {
+                    // A channel's first piece is one vector-slot's worth,
+                    // around its first element; later pieces use the
+                    // running mean.
+                    g.shift[ch] = run[0];
+                    let first = run.len().min(V::SLOTS * V::WIDTH);
+                    g.add_sums(ch, run_sums::<V>(&run[..first], g.shift[ch]), first);
+                    g.end_one(ch);
+                    run = &run[first..];
+                }
+                for piece in run.chunks(RUN_PIECE) {
+                    g.add_sums(ch, run_sums::<V>(piece, g.shift[ch]), piece.len());
+                    if g.n[ch] >= RUN_PIECE as u64 {
+                        g.end_one(ch);
                     }
-                    cols.chan[v * w + j] = 0;
                 }
             }
-            sweep::<V>(x, tail_rows, &cols, &mut g, 1);
         }
-        emit(ch, g.acc[0]);
-        g.clear(1);
+        g.end_block(cw);
+        for ch in 0..cw {
+            emit(c0 + ch, g.acc[ch]);
+        }
+        g.clear(cw);
+        c0 += cw;
     }
+}
+
+/// `(Σ(x - k), Σ(x - k)²)` of a contiguous run: `SLOTS` independent vector
+/// accumulators, then the tail through half-width lanes down to one.
+#[inline(always)]
+fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
+    let w = V::WIDTH;
+    if w > 1 && run.len() < w {
+        return run_sums::<V::Half>(run, k);
+    }
+    let kv = [V::splat(k); MAX_SLOTS];
+    let mut s = [V::splat(0.0); MAX_SLOTS];
+    let mut q = [V::splat(0.0); MAX_SLOTS];
+    let step = V::SLOTS * w;
+    let mut chunks = run.chunks_exact(step);
+    for chunk in &mut chunks {
+        let row: [V; MAX_SLOTS] = core::array::from_fn(|i| {
+            if i < V::SLOTS {
+                V::load(&chunk[i * w..])
+            } else {
+                kv[0]
+            }
+        });
+        add_row(&mut s, &mut q, row, &kv);
+    }
+    let rest = chunks.remainder();
+    let mut vectors = rest.chunks_exact(w);
+    for (i, v) in (&mut vectors).enumerate() {
+        let d = V::load(v).sub(kv[0]);
+        s[i] = s[i].add(d);
+        q[i] = d.mul_add(d, q[i]);
+    }
+    for i in 1..V::SLOTS {
+        s[0] = s[0].add(s[i]);
+        q[0] = q[0].add(q[i]);
+    }
+    // Each lane holds at most RUN_PIECE / (SLOTS * w) terms; a pairwise
+    // f32 reduction of the lanes adds log2(w) roundings.
+    let mut sums = (s[0].reduce_add() as f64, q[0].reduce_add() as f64);
+    let tail = vectors.remainder();
+    if w > 1 && !tail.is_empty() {
+        let t = run_sums::<V::Half>(tail, k);
+        sums.0 += t.0;
+        sums.1 += t.1;
+    }
+    sums
 }

@@ -83,6 +83,8 @@ fn long_and_ill_conditioned() {
             Shape::nchw(7, 5, 3001),
             Shape::nhwc(40, 3, 1000),
             Shape::nchw(300, 200, 3),
+            Shape::nchw(2, 3, 40_000),
+            Shape::nchw(1, 1, 100_003),
         ] {
             let x = channel_data(
                 &mut rng,
