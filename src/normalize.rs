@@ -26,14 +26,14 @@
 //!
 //! # Stack
 //!
-//! Two patterns of [`SEGMENT`] `f32` (4 KiB). No heap.
+//! Two patterns of [`SEGMENT`] `f32` (8 KiB). No heap.
 
 use crate::error::{check_epsilon, Error};
 use crate::lanes::{with_lane, Lane, Simd};
 use crate::shape::{Layout, Shape};
 
 /// Largest number of positions whose coefficients sit in a stack pattern.
-pub const SEGMENT: usize = 512;
+pub const SEGMENT: usize = 1024;
 
 /// An elementwise activation fused into the normalization pass.
 ///
@@ -116,7 +116,7 @@ impl Act for Band {
 /// Where the kernel reads `x` and writes `y`: two slices, or one in place.
 /// Each method walks `len` elements from `start` in whole vectors of `V`
 /// with `chunks_exact`, so the hot loop has no bounds checks; `len` must be
-/// a multiple of `V::WIDTH` (tails go through `V = f32`).
+/// a multiple of `V::WIDTH` (tails go through narrower lanes).
 pub(crate) trait Io {
     /// `y = f(x)` with the same coefficients everywhere.
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V);
@@ -129,6 +129,16 @@ pub(crate) trait Io {
         pb: &[f32],
         f: impl Fn(V, V, V) -> V,
     );
+    /// `rows` back-to-back rows of `NV` vectors, vector `v` of every row
+    /// with coefficients `pa[v]`, `pb[v]` held in registers.
+    fn map_rows<V: Lane, const NV: usize>(
+        &mut self,
+        start: usize,
+        rows: usize,
+        pa: &[V; NV],
+        pb: &[V; NV],
+        f: impl Fn(V, V, V) -> V,
+    );
 }
 
 pub(crate) struct Split<'a> {
@@ -137,6 +147,23 @@ pub(crate) struct Split<'a> {
 }
 
 impl Io for Split<'_> {
+    #[inline(always)]
+    fn map_rows<V: Lane, const NV: usize>(
+        &mut self,
+        start: usize,
+        rows: usize,
+        pa: &[V; NV],
+        pb: &[V; NV],
+        f: impl Fn(V, V, V) -> V,
+    ) {
+        let (w, len) = (V::WIDTH, rows * NV * V::WIDTH);
+        let xs = self.x[start..start + len].chunks_exact(NV * w);
+        for (xr, yr) in xs.zip(self.y[start..start + len].chunks_exact_mut(NV * w)) {
+            for v in 0..NV {
+                f(V::load(&xr[v * w..]), pa[v], pb[v]).store(&mut yr[v * w..]);
+            }
+        }
+    }
     #[inline(always)]
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V) {
         let w = V::WIDTH;
@@ -166,6 +193,22 @@ impl Io for Split<'_> {
 pub(crate) struct InPlace<'a>(pub(crate) &'a mut [f32]);
 
 impl Io for InPlace<'_> {
+    #[inline(always)]
+    fn map_rows<V: Lane, const NV: usize>(
+        &mut self,
+        start: usize,
+        rows: usize,
+        pa: &[V; NV],
+        pb: &[V; NV],
+        f: impl Fn(V, V, V) -> V,
+    ) {
+        let w = V::WIDTH;
+        for yr in self.0[start..start + rows * NV * w].chunks_exact_mut(NV * w) {
+            for v in 0..NV {
+                f(V::load(&yr[v * w..]), pa[v], pb[v]).store(&mut yr[v * w..]);
+            }
+        }
+    }
     #[inline(always)]
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V) {
         for yc in self.0[start..start + len].chunks_exact_mut(V::WIDTH) {
@@ -489,6 +532,21 @@ fn pattern_span<V: Lane, A: Act, IO: Io>(
     }
 }
 
+/// `rows` super-rows of `NV` vectors from the start, the pattern in registers.
+#[inline(always)]
+fn super_rows<V: Lane, A: Act, IO: Io, const NV: usize>(
+    io: &mut IO,
+    rows: usize,
+    pa: &[f32],
+    pb: &[f32],
+    act: A,
+) {
+    let w = V::WIDTH;
+    let va: [V; NV] = core::array::from_fn(|v| V::load(&pa[v * w..]));
+    let vb: [V; NV] = core::array::from_fn(|v| V::load(&pb[v * w..]));
+    io.map_rows::<V, NV>(0, rows, &va, &vb, |x, a, b| act.apply(x.mul_add(a, b)));
+}
+
 fn gcd(mut a: usize, mut b: usize) -> usize {
     while b != 0 {
         (a, b) = (b, a % b);
@@ -527,8 +585,22 @@ fn periodic<V: Lane, A: Act, IO: Io>(
         }
         let per = lcm / period;
         let supers = rows / per;
-        for r in 0..supers {
-            pattern_span::<V, A, IO>(io, r * lcm, &pa[..lcm], &pb[..lcm], act);
+        let (pa_, pb_) = (&pa[..lcm], &pb[..lcm]);
+        match lcm / w {
+            // A short pattern lives in registers: one load per vector.
+            1 => super_rows::<V, A, IO, 1>(io, supers, pa_, pb_, act),
+            2 => super_rows::<V, A, IO, 2>(io, supers, pa_, pb_, act),
+            3 => super_rows::<V, A, IO, 3>(io, supers, pa_, pb_, act),
+            4 => super_rows::<V, A, IO, 4>(io, supers, pa_, pb_, act),
+            5 => super_rows::<V, A, IO, 5>(io, supers, pa_, pb_, act),
+            6 => super_rows::<V, A, IO, 6>(io, supers, pa_, pb_, act),
+            7 => super_rows::<V, A, IO, 7>(io, supers, pa_, pb_, act),
+            8 => super_rows::<V, A, IO, 8>(io, supers, pa_, pb_, act),
+            _ => {
+                for r in 0..supers {
+                    pattern_span::<V, A, IO>(io, r * lcm, pa_, pb_, act);
+                }
+            }
         }
         let left = (rows - supers * per) * period;
         pattern_span::<V, A, IO>(io, supers * lcm, &pa[..left], &pb[..left], act);
