@@ -14,8 +14,8 @@
 //! next block is the channel's running mean, so `x - K` stays of the order of
 //! the standard deviation and the shifted sums do not cancel, however large
 //! the common offset (`1e6 + N(0, 1)` included). Blocks start at one row and
-//! double up to [`BLOCK_ROWS`], so even an outlier in the first element does
-//! not leave a poor shift in place for long.
+//! grow fourfold up to [`BLOCK_ROWS`], so even an outlier in the first
+//! element does not leave a poor shift in place for long.
 //!
 //! # Layouts
 //!
@@ -30,7 +30,9 @@
 //!   overlapping vector ending at the row's end whose duplicated lanes are
 //!   ignored.
 //! * NCHW with at least one vector of spatial positions is a set of
-//!   contiguous runs per channel, swept channel by channel.
+//!   contiguous runs: windows of up to [`GROUP_CHANNELS`] channels are walked
+//!   batch element by batch element (memory order), each run reduced by a
+//!   short loop with `SLOTS` accumulators into its channel's block sums.
 //!
 //! Columns are processed in groups of at most `Lane::SLOTS` vectors so that
 //! the accumulators stay in registers; short groups unroll over several rows
@@ -58,6 +60,14 @@ use crate::Variance;
 /// relative rounding error near `sqrt(BLOCK_ROWS) * f32::EPSILON`, and the
 /// per-block `f64` merge costs under 2% of the block's vector work.
 pub const BLOCK_ROWS: usize = 2048;
+
+/// Elements of a channel's first block on the contiguous-run (NCHW) path.
+/// Blocks then grow fourfold up to [`RUN_PIECE`]: the first block's shift is
+/// the first element, which may be an outlier, so it is kept short, and each
+/// later shift is the mean of everything before. (Row sweeps start at one
+/// row and grow fourfold; tests/moments_sweep.rs `outlier_first_element`
+/// pins both.)
+const WARM_UP: usize = 16;
 
 /// Largest number of channels one column group holds records for.
 pub const GROUP_CHANNELS: usize = 128;
@@ -858,21 +868,21 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut dyn FnMut(u
             for ch in 0..cw {
                 let start = (i * c + c0 + ch) * s;
                 let mut run = &x[start..start + s];
-                if g.acc[ch].n == 0 && g.n[ch] == 0 {
-                    // A channel's first piece is one vector-slot's worth,
-                    // around its first element; later pieces use the
-                    // running mean.
-                    g.shift[ch] = run[0];
-                    let first = run.len().min(V::SLOTS * V::WIDTH);
-                    g.add_sums(ch, run_sums::<V>(&run[..first], g.shift[ch]), first);
-                    g.end_one(ch);
-                    run = &run[first..];
-                }
-                for piece in run.chunks(RUN_PIECE) {
-                    g.add_sums(ch, run_sums::<V>(piece, g.shift[ch]), piece.len());
-                    if g.n[ch] >= RUN_PIECE as u64 {
+                while !run.is_empty() {
+                    let seen = g.acc[ch].n as usize;
+                    if seen == 0 && g.n[ch] == 0 {
+                        g.shift[ch] = run[0];
+                    }
+                    // A channel's first blocks are short because their
+                    // shift is still poor: 16 elements, then fourfold.
+                    let target = (3 * seen).clamp(WARM_UP, RUN_PIECE);
+                    let len = (target - g.n[ch] as usize).min(run.len());
+                    let (piece, rest) = run.split_at(len);
+                    g.add_sums(ch, run_sums::<V>(piece, g.shift[ch]), len);
+                    if g.n[ch] as usize >= target {
                         g.end_one(ch);
                     }
+                    run = rest;
                 }
             }
         }

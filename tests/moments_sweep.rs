@@ -96,3 +96,25 @@ fn long_and_ill_conditioned() {
         }
     }
 }
+
+#[test]
+fn outlier_first_element() {
+    // The first element of every channel is 1e4 σ away from the rest: the
+    // channel is still well conditioned (|mean| <= 10 σ of the whole), so the
+    // 1e-5 variance bound applies, and the kernel's first shift is poor.
+    let mut rng = Rng::new(4);
+    for simd in Simd::ALL {
+        for shape in [
+            Shape::nhwc(5000, 1, 3),
+            Shape::nhwc(700, 3, 40),
+            Shape::nchw(3, 4, 2000),
+            Shape::nchw(900, 3, 2),
+        ] {
+            let mut x = channel_data(&mut rng, shape, &[0.0, 5.0], &[1.0, 0.5]);
+            for c in 0..shape.channels {
+                x[reference::index(shape, 0, 0, c)] = if c % 2 == 0 { 1e4 } else { -3e4 };
+            }
+            check(simd, &x, shape);
+        }
+    }
+}
