@@ -157,13 +157,12 @@ pub fn update_moving(
     batches: u64,
     config: &Config,
 ) -> Result<(), Error> {
-    let c = moving_mean.len();
-    if c == 0 {
-        return Err(Error::ZeroChannels);
-    }
-    check_len("moving_variance", moving_variance.len(), c)?;
-    check_len("batch_mean", batch_mean.len(), c)?;
-    check_len("batch_variance", batch_variance.len(), c)?;
+    check_buffers(
+        moving_mean.len(),
+        moving_variance.len(),
+        batch_mean.len(),
+        batch_variance.len(),
+    )?;
     if count == 0 {
         return Err(Error::EmptyBatch);
     }
@@ -178,6 +177,22 @@ pub fn update_moving(
         config,
     );
     Ok(())
+}
+
+/// The four per-channel buffers of a moving update (moving mean and
+/// variance, batch mean and variance) have one non-zero length.
+pub(crate) fn check_buffers(
+    moving_mean: usize,
+    moving_variance: usize,
+    batch_mean: usize,
+    batch_variance: usize,
+) -> Result<(), Error> {
+    if moving_mean == 0 {
+        return Err(Error::ZeroChannels);
+    }
+    check_len("moving_variance", moving_variance, moving_mean)?;
+    check_len("batch_mean", batch_mean, moving_mean)?;
+    check_len("batch_variance", batch_variance, moving_mean)
 }
 
 /// The update on validated input.

@@ -6,7 +6,7 @@ use crate::ema::{self, Config};
 use crate::error::{check_len, Error};
 use crate::lanes::Simd;
 use crate::moments;
-use crate::normalize::{self, Coef, InPlace, Params, Split};
+use crate::normalize::{self, InPlace, Params, Split};
 use crate::shape::Shape;
 use crate::Variance;
 
@@ -60,13 +60,12 @@ impl<'a> BatchNorm<'a> {
         batch_mean: &'a mut [f32],
         batch_variance: &'a mut [f32],
     ) -> Result<BatchNorm<'a>, Error> {
-        let c = moving_mean.len();
-        if c == 0 {
-            return Err(Error::ZeroChannels);
-        }
-        check_len("moving_variance", moving_variance.len(), c)?;
-        check_len("batch_mean", batch_mean.len(), c)?;
-        check_len("batch_variance", batch_variance.len(), c)?;
+        ema::check_buffers(
+            moving_mean.len(),
+            moving_variance.len(),
+            batch_mean.len(),
+            batch_variance.len(),
+        )?;
         config.validate()?;
         Ok(BatchNorm {
             config,
@@ -154,13 +153,7 @@ impl<'a> BatchNorm<'a> {
         shape.check("y", y.len())?;
         self.statistics(x, shape)?;
         let p = self.batch_params();
-        normalize::run(
-            self.simd,
-            &mut Split { x, y },
-            shape,
-            Coef::Fold(&p),
-            p.activation,
-        );
+        normalize::run_folded(self.simd, &mut Split { x, y }, shape, &p);
         Ok(())
     }
 
@@ -169,13 +162,7 @@ impl<'a> BatchNorm<'a> {
         shape.check("x", x.len())?;
         self.statistics(x, shape)?;
         let p = self.batch_params();
-        normalize::run(
-            self.simd,
-            &mut InPlace(x),
-            shape,
-            Coef::Fold(&p),
-            p.activation,
-        );
+        normalize::run_folded(self.simd, &mut InPlace(x), shape, &p);
         Ok(())
     }
 
@@ -188,13 +175,7 @@ impl<'a> BatchNorm<'a> {
         shape.check("x", x.len())?;
         shape.check("y", y.len())?;
         let p = self.moving_params();
-        normalize::run(
-            self.simd,
-            &mut Split { x, y },
-            shape,
-            Coef::Fold(&p),
-            p.activation,
-        );
+        normalize::run_folded(self.simd, &mut Split { x, y }, shape, &p);
         Ok(())
     }
 
@@ -203,13 +184,7 @@ impl<'a> BatchNorm<'a> {
         self.check(shape)?;
         shape.check("x", x.len())?;
         let p = self.moving_params();
-        normalize::run(
-            self.simd,
-            &mut InPlace(x),
-            shape,
-            Coef::Fold(&p),
-            p.activation,
-        );
+        normalize::run_folded(self.simd, &mut InPlace(x), shape, &p);
         Ok(())
     }
 

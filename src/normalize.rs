@@ -431,13 +431,7 @@ impl Simd {
         shape.check("x", x.len())?;
         shape.check("y", y.len())?;
         params.validate(shape)?;
-        run(
-            self,
-            &mut Split { x, y },
-            shape,
-            Coef::Fold(params),
-            params.activation,
-        );
+        run_folded(self, &mut Split { x, y }, shape, params);
         Ok(())
     }
 
@@ -450,13 +444,7 @@ impl Simd {
     ) -> Result<(), Error> {
         shape.check("x", x.len())?;
         params.validate(shape)?;
-        run(
-            self,
-            &mut InPlace(x),
-            shape,
-            Coef::Fold(params),
-            params.activation,
-        );
+        run_folded(self, &mut InPlace(x), shape, params);
         Ok(())
     }
 }
@@ -465,6 +453,11 @@ fn check_affine(shape: Shape, a: &[f32], b: &[f32], activation: Activation) -> R
     shape.check_channels("a", a.len())?;
     shape.check_channels("b", b.len())?;
     activation.validate()
+}
+
+/// Validated input: `normalize` with coefficients folded from `p`.
+pub(crate) fn run_folded<IO: Io>(simd: Simd, io: &mut IO, shape: Shape, p: &Params<'_>) {
+    run(simd, io, shape, Coef::Fold(p), p.activation);
 }
 
 /// Validated input: dispatch on width and activation.
