@@ -40,10 +40,10 @@
 //!
 //! # Stack
 //!
-//! One [`Group`] (per-channel `f64` records, shifts and block sums for at
-//! most [`GROUP_CHANNELS`] = 128 channels, about 5 KiB) plus two 64-byte
-//! spill buffers and the lane map (1 KiB). Nothing depends on the tensor's
-//! size. No heap.
+//! One [`Group`]: for at most [`GROUP_CHANNELS`] = 128 channels, an `f64`
+//! record (24 bytes), a shift (4) and the block's `f64` sums and count (24),
+//! 6.5 KiB in all; plus two 64-byte spill buffers and the lane map (256
+//! bytes). Nothing depends on the tensor's size. No heap.
 //!
 //! # Domain
 //!

@@ -118,3 +118,39 @@ fn outlier_first_element() {
         }
     }
 }
+
+#[test]
+fn every_channel_count_the_issue_names() {
+    let mut rng = Rng::new(6);
+    for simd in Simd::ALL {
+        for c in [1, 3, 7, 16, 17, 64, 256, 1000, 4096] {
+            for shape in [
+                Shape::nhwc(5, 3, c),
+                Shape::nchw(3, c, 5),
+                Shape::nchw(2, c, 33),
+            ] {
+                let x = channel_data(&mut rng, shape, &[2.0, -1e3, 1e4], &[1.0, 3.0, 1.0]);
+                let buf = misaligned(&x, 1);
+                check(simd, &buf[1..], shape);
+            }
+        }
+    }
+}
+
+#[test]
+fn ten_million_elements_per_channel() {
+    // DESIGN §3 holds "for count up to 1e7": one well-conditioned and one
+    // ill-conditioned (1e4 + N(0, 1)) channel of 1e7 elements, on the
+    // build's own width and on the scalar fallback.
+    let mut rng = Rng::new(7);
+    let shape = Shape::nhwc(10_000_000, 1, 2);
+    let x = channel_data(&mut rng, shape, &[0.5, 1e4], &[2.0, 1.0]);
+    for simd in [Simd::detect(), Simd::Scalar] {
+        check(simd, &x, shape);
+    }
+    let shape = Shape::nchw(1, 1, 10_000_000);
+    let x = gaussian(&mut rng, 10_000_000, 1e4, 1.0);
+    for simd in [Simd::detect(), Simd::Scalar] {
+        check(simd, &x, shape);
+    }
+}
