@@ -14,7 +14,9 @@
 //! # Layouts
 //!
 //! * NCHW with at least one vector of spatial positions: each channel run is
-//!   `x * splat(a) + splat(b)`.
+//!   `x * splat(a) + splat(b)`, with the coefficients of up to [`SEGMENT`]
+//!   channels folded onto the stack first so that runs are visited in memory
+//!   order.
 //! * Otherwise the tensor is periodic (NHWC, or NCHW with short runs): the
 //!   per-position coefficients of one period are laid out in a stack
 //!   pattern, repeated over a super-row of `lcm(period, lanes)` elements
@@ -120,11 +122,13 @@ impl Act for Band {
 pub(crate) trait Io {
     /// `y = f(x)` with the same coefficients everywhere.
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V);
-    /// `y = f(x, a, b)` with per-element coefficients `pa`, `pb`
-    /// (`len = pa.len()`).
+    /// `y = f(x, a, b)` with per-element coefficients `pa`, `pb` on `rows`
+    /// rows of `pa.len()` elements, `stride` apart from `start`.
     fn map_pattern<V: Lane>(
         &mut self,
         start: usize,
+        rows: usize,
+        stride: usize,
         pa: &[f32],
         pb: &[f32],
         f: impl Fn(V, V, V) -> V,
@@ -176,16 +180,21 @@ impl Io for Split<'_> {
     fn map_pattern<V: Lane>(
         &mut self,
         start: usize,
+        rows: usize,
+        stride: usize,
         pa: &[f32],
         pb: &[f32],
         f: impl Fn(V, V, V) -> V,
     ) {
         let (w, len) = (V::WIDTH, pa.len());
-        let xs = self.x[start..start + len].chunks_exact(w);
-        let ys = self.y[start..start + len].chunks_exact_mut(w);
-        let ps = pa.chunks_exact(w).zip(pb.chunks_exact(w));
-        for ((xc, yc), (ac, bc)) in xs.zip(ys).zip(ps) {
-            f(V::load(xc), V::load(ac), V::load(bc)).store(yc);
+        for r in 0..rows {
+            let base = start + r * stride;
+            let xs = self.x[base..base + len].chunks_exact(w);
+            let ys = self.y[base..base + len].chunks_exact_mut(w);
+            let ps = pa.chunks_exact(w).zip(pb.chunks_exact(w));
+            for ((xc, yc), (ac, bc)) in xs.zip(ys).zip(ps) {
+                f(V::load(xc), V::load(ac), V::load(bc)).store(yc);
+            }
         }
     }
 }
@@ -219,14 +228,19 @@ impl Io for InPlace<'_> {
     fn map_pattern<V: Lane>(
         &mut self,
         start: usize,
+        rows: usize,
+        stride: usize,
         pa: &[f32],
         pb: &[f32],
         f: impl Fn(V, V, V) -> V,
     ) {
-        let w = V::WIDTH;
-        let ys = self.0[start..start + pa.len()].chunks_exact_mut(w);
-        for (yc, (ac, bc)) in ys.zip(pa.chunks_exact(w).zip(pb.chunks_exact(w))) {
-            f(V::load(yc), V::load(ac), V::load(bc)).store(yc);
+        let (w, len) = (V::WIDTH, pa.len());
+        for r in 0..rows {
+            let base = start + r * stride;
+            let ys = self.0[base..base + len].chunks_exact_mut(w);
+            for (yc, (ac, bc)) in ys.zip(pa.chunks_exact(w).zip(pb.chunks_exact(w))) {
+                f(V::load(yc), V::load(ac), V::load(bc)).store(yc);
+            }
         }
     }
 }
@@ -477,11 +491,22 @@ fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, ac
     }
     match shape.layout {
         Layout::Nchw if s >= V::WIDTH => {
-            for ch in 0..c {
-                let (a, b) = coef.get(ch);
-                for i in 0..n {
-                    splat_span::<V, A, IO>(io, (i * c + ch) * s, s, a, b, act);
+            // Coefficients of a window of channels on the stack, then the
+            // window's runs in memory order, batch element by batch element.
+            let mut pa = [0.0f32; SEGMENT];
+            let mut pb = [0.0f32; SEGMENT];
+            let mut c0 = 0;
+            while c0 < c {
+                let cw = (c - c0).min(SEGMENT);
+                for j in 0..cw {
+                    (pa[j], pb[j]) = coef.get(c0 + j);
                 }
+                for i in 0..n {
+                    for j in 0..cw {
+                        splat_span::<V, A, IO>(io, (i * c + c0 + j) * s, s, pa[j], pb[j], act);
+                    }
+                }
+                c0 += cw;
             }
         }
         Layout::Nchw => periodic::<V, A, IO>(io, c * s, s, n, coef, act),
@@ -507,21 +532,38 @@ fn splat_span<V: Lane, A: Act, IO: Io>(
     }
 }
 
-/// `pa.len()` elements from `start` with per-element coefficients `pa`, `pb`.
+/// `rows` rows of `pa.len()` elements, `stride` apart from `start`, with
+/// per-element coefficients `pa`, `pb`; the rows' tails cascade through
+/// narrower lanes once for all rows.
 #[inline(always)]
-fn pattern_span<V: Lane, A: Act, IO: Io>(
+fn pattern_rows<V: Lane, A: Act, IO: Io>(
     io: &mut IO,
     start: usize,
+    rows: usize,
+    stride: usize,
     pa: &[f32],
     pb: &[f32],
     act: A,
 ) {
     let whole = pa.len() / V::WIDTH * V::WIDTH;
-    io.map_pattern::<V>(start, &pa[..whole], &pb[..whole], |x, a, b| {
-        act.apply(x.mul_add(a, b))
-    });
-    if V::WIDTH > 1 {
-        pattern_span::<f32, A, IO>(io, start + whole, &pa[whole..], &pb[whole..], act);
+    io.map_pattern::<V>(
+        start,
+        rows,
+        stride,
+        &pa[..whole],
+        &pb[..whole],
+        |x, a, b| act.apply(x.mul_add(a, b)),
+    );
+    if V::WIDTH > 1 && whole < pa.len() {
+        pattern_rows::<V::Half, A, IO>(
+            io,
+            start + whole,
+            rows,
+            stride,
+            &pa[whole..],
+            &pb[whole..],
+            act,
+        );
     }
 }
 
@@ -562,9 +604,7 @@ fn periodic<V: Lane, A: Act, IO: Io>(
     if let (Coef::Given { a, b }, 1) = (coef, div) {
         if lcm > SEGMENT {
             // Long channels-last rows: the caller's coefficients are the pattern.
-            for r in 0..rows {
-                pattern_span::<V, A, IO>(io, r * period, a, b, act);
-            }
+            pattern_rows::<V, A, IO>(io, 0, rows, period, a, b, act);
             return;
         }
     }
@@ -589,14 +629,11 @@ fn periodic<V: Lane, A: Act, IO: Io>(
             6 => super_rows::<V, A, IO, 6>(io, supers, pa_, pb_, act),
             7 => super_rows::<V, A, IO, 7>(io, supers, pa_, pb_, act),
             8 => super_rows::<V, A, IO, 8>(io, supers, pa_, pb_, act),
-            _ => {
-                for r in 0..supers {
-                    pattern_span::<V, A, IO>(io, r * lcm, pa_, pb_, act);
-                }
-            }
+            16 => super_rows::<V, A, IO, 16>(io, supers, pa_, pb_, act),
+            _ => pattern_rows::<V, A, IO>(io, 0, supers, lcm, pa_, pb_, act),
         }
         let left = (rows - supers * per) * period;
-        pattern_span::<V, A, IO>(io, supers * lcm, &pa[..left], &pb[..left], act);
+        pattern_rows::<V, A, IO>(io, supers * lcm, 1, 0, &pa[..left], &pb[..left], act);
     } else {
         // Rows longer than a pattern: one segment of positions at a time,
         // swept over every row.
@@ -606,9 +643,7 @@ fn periodic<V: Lane, A: Act, IO: Io>(
             for i in 0..len {
                 (pa[i], pb[i]) = coef.get((p0 + i) / div);
             }
-            for r in 0..rows {
-                pattern_span::<V, A, IO>(io, r * period + p0, &pa[..len], &pb[..len], act);
-            }
+            pattern_rows::<V, A, IO>(io, p0, rows, period, &pa[..len], &pb[..len], act);
             p0 += len;
         }
     }
