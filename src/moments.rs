@@ -69,6 +69,11 @@ pub const BLOCK_ROWS: usize = 2048;
 /// pins both.)
 const WARM_UP: usize = 16;
 
+/// Rows a lane sums in registers before the sum joins the block's: bounds
+/// the `f32` rounding of one sum to about `INNER_ROWS * ε` even when every
+/// add rounds the same way.
+const INNER_ROWS: usize = 256;
+
 /// Largest number of channels one column group holds records for.
 pub const GROUP_CHANNELS: usize = 128;
 
@@ -608,37 +613,53 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
             }
             V::load(&buf)
         });
+        // Registers sum at most INNER_ROWS rows per lane before they are
+        // added to the block's f32 sums: structured data (0/1 values, one
+        // repeated deviation) rounds the same way at every add, so the error
+        // of a long f32 sum grows linearly, not like its square root.
         let mut s = [V::splat(0.0); MAX_SLOTS];
         let mut q = [V::splat(0.0); MAX_SLOTS];
-        let full = block / unroll;
-        let rest = block % unroll;
-        let step = unroll * NV * w;
-        let dense = CONTIG && rows.inner_stride == NV * w && cursor.i + full * unroll <= rows.inner;
-        if dense {
-            // Back-to-back rows inside one run: one slice for the whole
-            // block, walked in steps whose length the compiler knows.
-            let base = cursor.pos + col[0];
-            for chunk in x[base..base + full * step].chunks_exact(step) {
-                for u in 0..unroll {
-                    let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
-                    add_row(&mut s[u * NV..], &mut q[u * NV..], row, &k);
+        let mut left = block;
+        while left > 0 {
+            let sub = left.min(INNER_ROWS);
+            let mut si = [V::splat(0.0); MAX_SLOTS];
+            let mut qi = [V::splat(0.0); MAX_SLOTS];
+            let full = sub / unroll;
+            let rest = sub % unroll;
+            let step = unroll * NV * w;
+            let dense =
+                CONTIG && rows.inner_stride == NV * w && cursor.i + full * unroll <= rows.inner;
+            if dense {
+                // Back-to-back rows inside one run: one slice for the whole
+                // block, walked in steps whose length the compiler knows.
+                let base = cursor.pos + col[0];
+                for chunk in x[base..base + full * step].chunks_exact(step) {
+                    for u in 0..unroll {
+                        let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
+                        add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &k);
+                    }
+                }
+                cursor.advance(full * unroll);
+            }
+            for _ in 0..if dense { 0 } else { full } {
+                let mut start = [0usize; MAX_SLOTS];
+                for st in start.iter_mut().take(unroll) {
+                    *st = cursor.next();
+                }
+                for (u, &st) in start.iter().enumerate().take(unroll) {
+                    let row = row_vectors::<V, NV, CONTIG>(x, st, &col);
+                    add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &k);
                 }
             }
-            cursor.advance(full * unroll);
-        }
-        for _ in 0..if dense { 0 } else { full } {
-            let mut start = [0usize; MAX_SLOTS];
-            for st in start.iter_mut().take(unroll) {
-                *st = cursor.next();
+            for _ in 0..rest {
+                let row = row_vectors::<V, NV, CONTIG>(x, cursor.next(), &col);
+                add_row(&mut si, &mut qi, row, &k);
             }
-            for (u, &st) in start.iter().enumerate().take(unroll) {
-                let row = row_vectors::<V, NV, CONTIG>(x, st, &col);
-                add_row(&mut s[u * NV..], &mut q[u * NV..], row, &k);
+            for i in 0..unroll * NV {
+                s[i] = s[i].add(si[i]);
+                q[i] = q[i].add(qi[i]);
             }
-        }
-        for _ in 0..rest {
-            let row = row_vectors::<V, NV, CONTIG>(x, cursor.next(), &col);
-            add_row(&mut s, &mut q, row, &k);
+            left -= sub;
         }
         // Fold the unroll copies in f32 (slot `u * NV + v` has vector `v`'s
         // lane map), and with a uniform map every vector into one: lane `j`
@@ -876,7 +897,9 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut dyn FnMut(u
                     // A channel's first blocks are short because their
                     // shift is still poor: 16 elements, then fourfold.
                     let target = (3 * seen).clamp(WARM_UP, RUN_PIECE);
-                    let len = (target - g.n[ch] as usize).min(run.len());
+                    // At most INNER_ROWS terms per lane in one f32 sum.
+                    let cap = INNER_ROWS * V::SLOTS * V::WIDTH;
+                    let len = (target - g.n[ch] as usize).min(run.len()).min(cap);
                     let (piece, rest) = run.split_at(len);
                     g.add_sums(ch, run_sums::<V>(piece, g.shift[ch]), len);
                     if g.n[ch] as usize >= target {
