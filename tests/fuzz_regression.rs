@@ -143,18 +143,19 @@ fn bad_input_every_path() {
 
 // --- Findings -------------------------------------------------------------
 //
-// Library bug, open: the moments kernels miss DESIGN §3's 1e-5 relative
-// bound on the variance of well-conditioned channels, and its mean bound.
-// Within a block (up to BLOCK_ROWS = 2048 rows) each lane sums
-// `s = Σ(x - K)` and `q = Σ(x - K)²` in one f32 accumulator; when the data
-// take few distinct values every addition rounds the same way, so the error
-// grows like `rows * ε / 2` instead of `sqrt(rows) * ε` (up to ~1.2e-4 in a
-// full block; with BLOCK_ROWS = 128 the variance cases below drop to 3e-7).
-// Found by the `train` target in about a minute (Scalar, small integers plus
-// two -1e17: 1.03e-5), then by `accumulate` (118 s) and `moments` (8 s on
-// 079c24a; 69 crash inputs in 10 minutes, 62 on the variance, 6 on the
-// mean, 1 with X4). Every width fails once its accumulators each see long
-// blocks (NHWC: Scalar from 3 channels, X4 from 16, X8 from 32, X16 from 64).
+// Library bug, fixed in 8d38644 (`INNER_ROWS`: at most 256 rows per lane in
+// one f32 sum): the moments kernels missed DESIGN §3's 1e-5 relative bound
+// on the variance of well-conditioned channels, and its mean bound. Within a
+// block (up to BLOCK_ROWS = 2048 rows) each lane summed `s = Σ(x - K)` and
+// `q = Σ(x - K)²` in one f32 accumulator; when the data take few distinct
+// values every addition rounds the same way, so the error grew like
+// `rows * ε / 2` instead of `sqrt(rows) * ε`. Found by the `train` target in
+// about a minute (Scalar, small integers plus two -1e17: 1.03e-5), then by
+// `accumulate` (118 s) and `moments` (8 s on 079c24a; 69 crash inputs in 10
+// minutes: 62 on the variance, 6 on the mean, 1 with X4). Every width failed
+// once its accumulators each saw long blocks (NHWC: Scalar from 3 channels,
+// X4 from 16, X8 from 32, X16 from 64). The errors quoted below are those
+// before the fix.
 
 /// Minimized fuzz input (moments target), 10 bytes: Scalar, NHWC
 /// 3276 x 1 x 5, random 0/1 values; variance[1] 0.24997307, got 0.24996828
@@ -304,6 +305,15 @@ fn oracle_nan_bits_normalize_in_place() {
 #[test]
 fn oracle_nan_bits_train_in_place() {
     checks::check_train(&seed("train", "seed-finding-nan-bits"));
+}
+
+/// A channel of the second training step holds a raw-bits NaN whose
+/// payload equals the output sentinel at one index: the NaN coefficients
+/// carry it into every output of the channel, so one element looked
+/// unwritten. Outputs are now checked against two different sentinels.
+#[test]
+fn oracle_nan_payload_equals_sentinel() {
+    checks::check_train(&seed("train", "seed-finding-nan-sentinel"));
 }
 
 /// `Moments` records holding NaN compare unequal with `==`: records are

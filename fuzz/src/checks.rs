@@ -422,6 +422,30 @@ fn assert_untouched(what: &str, got: &[f32], want: &[f32], ctx: &dyn Fn() -> Str
     }
 }
 
+/// A second sentinel, different from [`sentinel`] at every index.
+pub fn sentinel_b(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| f32::from_bits(0xffc0_3c3c ^ (i as u32 & 0xffff)))
+        .collect()
+}
+
+/// Every element of an output was written: `ya` started as [`sentinel`] and
+/// `yb`, the same computation, as [`sentinel_b`]; an element still holding
+/// both was never written. (One sentinel is not enough: a NaN coefficient
+/// carries the payload of a NaN in `x`, and the fuzzer found a raw-bits NaN
+/// whose payload equals the sentinel at one index.) The oracles skip
+/// elements without a numerical promise (a channel whose `a` or `b` is not a
+/// finite f32, results near overflow), which must still be computed.
+fn assert_written(what: &str, ya: &[f32], yb: &[f32], ctx: &dyn Fn() -> String) {
+    let (sa, sb) = (sentinel(ya.len()), sentinel_b(yb.len()));
+    let pairs = ya.iter().zip(yb).zip(sa.iter().zip(&sb));
+    for (i, ((a, b), (s1, s2))) in pairs.enumerate() {
+        if a.to_bits() == s1.to_bits() && b.to_bits() == s2.to_bits() {
+            panic!("{what}[{i}] was never written; {}", ctx());
+        }
+    }
+}
+
 /// Records compared bit for bit (`==` on `Moments` is false for NaN).
 fn record_bits(r: &[Moments]) -> Vec<(u64, u32, u32)> {
     r.iter()
@@ -842,6 +866,9 @@ pub fn check_normalize(data: &[u8]) {
     let mut y = sentinel(len);
     simd.normalize(&x, &mut y, shape, &p)
         .unwrap_or_else(|e| panic!("normalize failed: {e}; {}", ctx()));
+    let mut yb = sentinel_b(len);
+    simd.normalize(&x, &mut yb, shape, &p).unwrap();
+    assert_written("normalize y", &y, &yb, &ctx);
     if let Err(m) = normalize_oracle(&x, shape, &p, &y) {
         fail(m, &ctx);
     }
@@ -887,6 +914,10 @@ pub fn check_normalize(data: &[u8]) {
     let mut y3 = sentinel(len);
     simd.affine(&x, &mut y3, shape, &ab_a, &ab_b, activation)
         .unwrap();
+    let mut y3b = sentinel_b(len);
+    simd.affine(&x, &mut y3b, shape, &ab_a, &ab_b, activation)
+        .unwrap();
+    assert_written("affine y", &y3, &y3b, &ctx);
     check_affine(&x, shape, &ab_a, &ab_b, activation, &y3, &ctx);
     let mut z3 = x.clone();
     simd.affine_in_place(&mut z3, shape, &ab_a, &ab_b, activation)
@@ -1086,8 +1117,9 @@ pub fn check_train(data: &[u8]) {
         if let Err(m) = normalize_oracle(x, sh, &p, &y) {
             fail(m, &ctx);
         }
-        let mut y2 = sentinel(x.len());
+        let mut y2 = sentinel_b(x.len());
         simd.normalize(x, &mut y2, sh, &p).unwrap();
+        assert_written("train y", &y, &y2, &ctx);
         assert_bits("train y vs normalize", &y, &y2, &ctx);
 
         // Moving statistics.
@@ -1152,6 +1184,9 @@ pub fn check_train(data: &[u8]) {
     let mut y = sentinel(x_infer.len());
     bn.infer(&x_infer, &mut y, shape)
         .unwrap_or_else(|e| panic!("infer failed: {e}; {}", ctx()));
+    let mut yb = sentinel_b(x_infer.len());
+    bn.infer(&x_infer, &mut yb, shape).unwrap();
+    assert_written("infer y", &y, &yb, &ctx);
     let p = Params {
         mean: bn.moving_mean(),
         variance: bn.moving_variance(),
