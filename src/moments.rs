@@ -21,14 +21,21 @@
 //!
 //! * NHWC, and NCHW with fewer spatial positions than lanes, are *periodic*:
 //!   position `p` of the flat tensor belongs to channel `(p mod P) / S`
-//!   (`P = C`, `S = 1` for NHWC; `P = C * S` for NCHW). When the period is
-//!   small, rows are grouped into super-rows of `lcm(P, lanes)` elements so
-//!   that every lane stays on one channel and all lanes are used, even for an
-//!   RGB input (`C = 3`); a last partial super-row goes through the same
-//!   kernel instantiated with one-lane `f32`. When the period is long, each
-//!   row is covered by vectors at multiples of the width plus one
-//!   overlapping vector ending at the row's end whose duplicated lanes are
-//!   ignored.
+//!   (`P = C`, `S = 1` for NHWC; `P = C * S` for NCHW). Rows are grouped
+//!   into super-rows of `lcm(P, lanes)` elements so that every lane stays on
+//!   one channel and all lanes are used, even for an RGB input (`C = 3`).
+//!   - When a super-row fits in one column group (at most `Lane::SLOTS`
+//!     vectors, [`GROUP_CHANNELS`] channels) the group sweeps every row with
+//!     its sums in registers; a last partial super-row goes through the same
+//!     kernel instantiated with one-lane `f32`.
+//!   - Otherwise the rows are read in *panels* of [`PANEL_ROWS`] rows: each
+//!     column group sums its columns of the panel in registers and adds the
+//!     sums to per-position `f32` block sums in memory, then the next group
+//!     takes the next columns of the same rows, so the tensor is read once.
+//!     A row (or super-row) of up to [`WINDOW`] positions is one window; a
+//!     longer row is split into windows of whole channels, one pass each. A
+//!     row whose length is not a multiple of the width ends with a vector
+//!     that overlaps the one before; its duplicated lanes are not counted.
 //! * NCHW with at least one vector of spatial positions is a set of
 //!   contiguous runs: windows of up to [`GROUP_CHANNELS`] channels are walked
 //!   batch element by batch element (memory order), each run reduced by a
@@ -40,10 +47,14 @@
 //!
 //! # Stack
 //!
-//! One [`Group`]: for at most [`GROUP_CHANNELS`] = 128 channels, an `f64`
-//! record (24 bytes), a shift (4) and the block's `f64` sums and count (24),
-//! 6.5 KiB in all; plus two 64-byte spill buffers and the lane map (256
-//! bytes). Nothing depends on the tensor's size. No heap.
+//! Register sweeps and runs use one [`Group`]: for at most
+//! [`GROUP_CHANNELS`] = 128 channels, an `f64` record (24 bytes), a shift (4)
+//! and the block's `f64` sums and count (24), 6.5 KiB in all, plus two
+//! 64-byte spill buffers and the lane map (256 bytes). A panel walk uses one
+//! [`Window`] instead: per position, `f32` block sums and a shift (12
+//! bytes), per channel an `f64` mean and `m2` (16 bytes), for
+//! [`WINDOW`] + 32 positions: 29.6 KiB. The two are never live together.
+//! Nothing depends on the tensor's size. No heap.
 //!
 //! # Domain
 //!
@@ -307,11 +318,11 @@ impl Simd {
 
 /// Computes every channel's record and hands it to `emit` exactly once per
 /// channel. `shape` is validated, `x.len() == shape.len()`, `count > 0`.
-pub(crate) fn run(simd: Simd, x: &[f32], shape: Shape, emit: &mut dyn FnMut(usize, Acc)) {
+pub(crate) fn run(simd: Simd, x: &[f32], shape: Shape, emit: &mut impl FnMut(usize, Acc)) {
     with_lane!(simd, V => dispatch::<V>(x, shape, emit))
 }
 
-fn dispatch<V: Lane>(x: &[f32], shape: Shape, emit: &mut dyn FnMut(usize, Acc)) {
+fn dispatch<V: Lane>(x: &[f32], shape: Shape, emit: &mut impl FnMut(usize, Acc)) {
     let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
     match shape.layout {
         Layout::Nhwc => periodic::<V>(x, c, 1, n * s, emit),
@@ -536,13 +547,45 @@ fn sweep<V: Lane>(x: &[f32], rows: Rows, cols: &Columns, g: &mut Group, channels
     }
 }
 
-/// The shifted sums of one row: `s += x - k`, `q += (x - k)²`, three
-/// vector operations per vector of input.
+/// With FMA, every other `s` accumulator adds through the FMA unit
+/// (`d * 1 + s`, one rounding, the same value as `s + d`). Cores that run
+/// adds and FMAs on separate pipes (AMD Zen: two of each, 256 bits wide) then
+/// split the three operations per vector between both kinds instead of
+/// putting two on the add pipes; cores whose pipes do both see no change.
+const SPLIT_ADDS: bool = cfg!(target_feature = "fma");
+
+/// A vector of ones the optimizer cannot see through: given a literal 1, it
+/// turns `d * 1 + s` back into an add. Made once per kernel call.
 #[inline(always)]
-fn add_row<V: Lane, const NV: usize>(s: &mut [V], q: &mut [V], row: [V; NV], k: &[V; NV]) {
-    for ((x, kv), (sv, qv)) in row.iter().zip(k).zip(s.iter_mut().zip(q.iter_mut())) {
+fn fma_one<V: Lane>() -> V {
+    V::splat(core::hint::black_box(1.0))
+}
+
+/// The shifted sums of one row: `s += x - k`, `q += (x - k)²`, three
+/// vector operations per vector of input. `slot0` is the index of `s[0]`
+/// among the kernel's accumulators (it picks which adds go through FMA);
+/// `one` is [`fma_one`].
+#[inline(always)]
+fn add_row<V: Lane, const NV: usize>(
+    s: &mut [V],
+    q: &mut [V],
+    row: [V; NV],
+    k: &[V; NV],
+    slot0: usize,
+    one: V,
+) {
+    for (i, ((x, kv), (sv, qv))) in row
+        .iter()
+        .zip(k)
+        .zip(s.iter_mut().zip(q.iter_mut()))
+        .enumerate()
+    {
         let d = x.sub(*kv);
-        *sv = sv.add(d);
+        *sv = if SPLIT_ADDS && (slot0 + i) % 2 == 1 {
+            d.mul_add(one, *sv)
+        } else {
+            sv.add(d)
+        };
         *qv = d.mul_add(d, *qv);
     }
 }
@@ -599,6 +642,7 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
     let uniform = c0 != SKIP && cols.chan[..NV * w].iter().all(|&c| c == c0);
 
     let mut cursor = rows.cursor();
+    let one = fma_one::<V>();
     let mut buf = [0.0f32; 16];
     let mut buf2 = [0.0f32; 16];
     let mut done = 0;
@@ -636,7 +680,7 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
                 for chunk in x[base..base + full * step].chunks_exact(step) {
                     for u in 0..unroll {
                         let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
-                        add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &k);
+                        add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &k, u * NV, one);
                     }
                 }
                 cursor.advance(full * unroll);
@@ -648,12 +692,12 @@ fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
                 }
                 for (u, &st) in start.iter().enumerate().take(unroll) {
                     let row = row_vectors::<V, NV, CONTIG>(x, st, &col);
-                    add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &k);
+                    add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &k, u * NV, one);
                 }
             }
             for _ in 0..rest {
                 let row = row_vectors::<V, NV, CONTIG>(x, cursor.next(), &col);
-                add_row(&mut si, &mut qi, row, &k);
+                add_row(&mut si, &mut qi, row, &k, 0, one);
             }
             for i in 0..unroll * NV {
                 s[i] = s[i].add(si[i]);
@@ -731,144 +775,443 @@ fn periodic<V: Lane>(
     period: usize,
     div: usize,
     rows: usize,
-    emit: &mut dyn FnMut(usize, Acc),
+    emit: &mut impl FnMut(usize, Acc),
 ) {
     let w = V::WIDTH;
     let channels = period / div;
     let lcm = period / gcd(period, w) * w;
-    let mut g = Group::new();
-    if channels <= GROUP_CHANNELS && lcm <= MAX_SUPER_ROW {
-        // Super-rows of `lcm` elements: lane `j` of vector `v` is always
-        // position `(v * w + j) mod period`.
-        let per = lcm / period;
-        let supers = rows / per;
-        let vectors = lcm / w;
-        let mut v0 = 0;
-        while v0 < vectors {
-            let nv = (vectors - v0).min(V::SLOTS);
-            let mut cols = Columns {
-                nv,
-                cols: [0; MAX_SLOTS],
-                chan: [SKIP; MAX_SLOTS * 16],
-            };
-            for v in 0..nv {
-                cols.cols[v] = (v0 + v) * w;
-                for j in 0..w {
-                    cols.chan[v * w + j] = (((v0 + v) * w + j) % period / div) as u16;
-                }
-            }
-            sweep::<V>(x, Rows::contiguous(0, supers, lcm), &cols, &mut g, channels);
-            v0 += nv;
-        }
-        // The last, partial super-row: the same kernel on one lane.
-        let left = (rows - supers * per) * period;
-        let start = supers * lcm;
-        let mut p0 = 0;
-        while p0 < left {
-            let nv = (left - p0).min(<f32 as Lane>::SLOTS);
-            let mut cols = Columns {
-                nv,
-                cols: [0; MAX_SLOTS],
-                chan: [SKIP; MAX_SLOTS * 16],
-            };
-            for v in 0..nv {
-                cols.cols[v] = p0 + v;
-                cols.chan[v] = ((p0 + v) % period / div) as u16;
-            }
-            sweep::<f32>(x, Rows::contiguous(start, 1, 0), &cols, &mut g, channels);
-            p0 += nv;
-        }
-        for (c, acc) in g.acc.iter().enumerate().take(channels) {
-            emit(c, *acc);
-        }
-    } else {
-        // Long rows (`period >= w` here): vectors at multiples of `w` and one
-        // overlapping vector ending at the row's end.
-        let whole = period / w;
-        let vectors = whole + usize::from(!period.is_multiple_of(w));
-        wide_rows::<V>(
-            x,
-            Rows::contiguous(0, rows, period),
-            0,
-            period,
-            vectors,
-            div,
-            &mut g,
-            emit,
-        );
+    if channels > GROUP_CHANNELS || lcm > MAX_SUPER_ROW || lcm / w > V::SLOTS {
+        return panels::<V>(x, period, div, rows, lcm, emit);
     }
-}
-
-/// Rows of `len >= w` elements at `offset` from each row start, covered by
-/// `vectors` vectors (the last one overlapping when `len % w != 0`); element
-/// `p` of a row belongs to channel `(offset + p) / div`, and channels come in
-/// increasing order. Emits every channel it completes; a channel that
-/// continues past `len` is left in `g` for the caller.
-#[allow(clippy::too_many_arguments)]
-fn wide_rows<V: Lane>(
-    x: &[f32],
-    rows: Rows,
-    offset: usize,
-    len: usize,
-    vectors: usize,
-    div: usize,
-    g: &mut Group,
-    emit: &mut dyn FnMut(usize, Acc),
-) {
-    let w = V::WIDTH;
-    let whole = len / w;
-    // Channel (absolute) of group-relative index 0.
-    let mut base = offset / div;
-    let mut v0 = 0;
-    while v0 < vectors {
-        let nv = (vectors - v0).min(V::SLOTS);
+    // One column group holds the whole super-row of `lcm` elements: lane `j`
+    // of vector `v` is always position `(v * w + j) mod period`.
+    let mut g = Group::new();
+    let per = lcm / period;
+    let supers = rows / per;
+    let nv = lcm / w;
+    let mut cols = Columns {
+        nv,
+        cols: [0; MAX_SLOTS],
+        chan: [SKIP; MAX_SLOTS * 16],
+    };
+    for v in 0..nv {
+        cols.cols[v] = v * w;
+        for j in 0..w {
+            cols.chan[v * w + j] = ((v * w + j) % period / div) as u16;
+        }
+    }
+    sweep::<V>(x, Rows::contiguous(0, supers, lcm), &cols, &mut g, channels);
+    // The last, partial super-row: the same kernel on one lane.
+    let left = (rows - supers * per) * period;
+    let start = supers * lcm;
+    let mut p0 = 0;
+    while p0 < left {
+        let nv = (left - p0).min(<f32 as Lane>::SLOTS);
         let mut cols = Columns {
             nv,
             cols: [0; MAX_SLOTS],
             chan: [SKIP; MAX_SLOTS * 16],
         };
-        let mut last_channel = base;
         for v in 0..nv {
-            let vi = v0 + v;
-            let start = if vi < whole { vi * w } else { len - w };
-            cols.cols[v] = start;
-            for j in 0..w {
-                let p = start + j;
-                // Lanes of the overlapping vector that a whole vector counts.
-                if vi >= whole && p < whole * w {
-                    continue;
-                }
-                let c = (offset + p) / div;
-                cols.chan[v * w + j] = (c - base) as u16;
-                last_channel = last_channel.max(c);
-            }
+            cols.cols[v] = p0 + v;
+            cols.chan[v] = ((p0 + v) % period / div) as u16;
         }
-        let channels = last_channel - base + 1;
-        sweep::<V>(x, rows, &cols, g, channels);
-        v0 += nv;
-        // The next group's first channel; the last channel carries over when
-        // the next group (or the caller) continues it.
-        let next_first = if v0 < vectors {
-            (offset + v0 * w) / div
-        } else {
-            (offset + len) / div
+        sweep::<f32>(x, Rows::contiguous(start, 1, 0), &cols, &mut g, channels);
+        p0 += nv;
+    }
+    for (c, acc) in g.acc.iter().enumerate().take(channels) {
+        emit(c, *acc);
+    }
+}
+
+/// Row positions one panel walk keeps block sums for. A longer row is walked
+/// in windows of whole channels, one pass over the rows per window.
+const WINDOW: usize = 1024;
+
+/// Room for a window that ends on a channel boundary past [`WINDOW`].
+const WINDOW_SLACK: usize = 32;
+
+/// Rows in a panel: each column group sums this many rows in registers
+/// before it moves its sums to the block sums in memory (two loads, two adds
+/// and two stores per vector, so about one operation in sixteen), and then
+/// moves on to its neighbour's columns of the same rows. Longer panels read
+/// memory in a longer stride pattern, which measured slower at L3 and DRAM
+/// sizes on the machine of README §Performance. As for [`INNER_ROWS`], no
+/// `f32` sum takes more than a few hundred terms: 16 rows in a register,
+/// then at most `BLOCK_ROWS / 16` = 128 panel sums in a block sum.
+const PANEL_ROWS: usize = 16;
+
+/// State of one panel walk: per position, the block's `f32` sums and the
+/// shift; per channel, the running `f64` mean and `m2` (every channel of a
+/// window has the same count).
+struct Window {
+    s: [f32; WINDOW + WINDOW_SLACK],
+    q: [f32; WINDOW + WINDOW_SLACK],
+    k: [f32; WINDOW + WINDOW_SLACK],
+    mean: [f64; WINDOW + WINDOW_SLACK],
+    m2: [f64; WINDOW + WINDOW_SLACK],
+    n: u64,
+}
+
+/// Where a window's elements are: row `r` covers `x[start + r * stride ..][..len]`;
+/// position `p` of a row belongs to window channel `(p % cycle) / div`.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    stride: usize,
+    len: usize,
+    rows: usize,
+    cycle: usize,
+    div: usize,
+}
+
+impl Span {
+    fn channels(&self) -> usize {
+        self.cycle / self.div
+    }
+
+    /// Elements each channel has in one row.
+    fn per_row(&self) -> usize {
+        self.len / self.cycle * self.div
+    }
+
+    /// The positions of window channel `c` within a row.
+    fn positions(&self, c: usize) -> impl Iterator<Item = usize> {
+        let (cycle, div) = (self.cycle, self.div);
+        (0..self.len / cycle).flat_map(move |r| (0..div).map(move |t| r * cycle + c * div + t))
+    }
+}
+
+/// Periodic rows wider than one column group hold: rows are read in panels
+/// of a few rows, every column group sums its columns of the panel in
+/// registers and adds the sums to per-position `f32` block sums in memory,
+/// so the tensor is read once (per window of [`WINDOW`] positions) however
+/// many channels it has. Block ends and shifts are as in [`sweep_n`].
+fn panels<V: Lane>(
+    x: &[f32],
+    period: usize,
+    div: usize,
+    rows: usize,
+    lcm: usize,
+    emit: &mut impl FnMut(usize, Acc),
+) {
+    let mut st = Window {
+        s: [0.0; WINDOW + WINDOW_SLACK],
+        q: [0.0; WINDOW + WINDOW_SLACK],
+        k: [0.0; WINDOW + WINDOW_SLACK],
+        mean: [0.0; WINDOW + WINDOW_SLACK],
+        m2: [0.0; WINDOW + WINDOW_SLACK],
+        n: 0,
+    };
+    if lcm <= WINDOW {
+        // Super-rows of `lcm` elements, then the rows left over.
+        let per = lcm / period;
+        let supers = rows / per;
+        let span = Span {
+            start: 0,
+            stride: lcm,
+            len: lcm,
+            rows: supers,
+            cycle: period,
+            div,
         };
-        for c in 0..channels {
-            if base + c == next_first {
-                continue;
+        walk::<V>(x, span, &mut st);
+        let left = Span {
+            start: supers * lcm,
+            stride: period,
+            len: period,
+            rows: rows - supers * per,
+            cycle: period,
+            div,
+        };
+        exact_block(x, left, &mut st);
+        for c in 0..span.channels() {
+            emit(c, st.acc(c));
+        }
+        return;
+    }
+    // Windows of whole channels, at most WINDOW + div positions each, at
+    // least WINDOW / 2 - div >= one vector.
+    let channels = period / div;
+    let windows = period.div_ceil(WINDOW);
+    for i in 0..windows {
+        let (c0, c1) = (i * channels / windows, (i + 1) * channels / windows);
+        let len = (c1 - c0) * div;
+        let span = Span {
+            start: c0 * div,
+            stride: period,
+            len,
+            rows,
+            cycle: len,
+            div,
+        };
+        walk::<V>(x, span, &mut st);
+        for c in 0..span.channels() {
+            emit(c0 + c, st.acc(c));
+        }
+    }
+}
+
+impl Window {
+    fn acc(&self, c: usize) -> Acc {
+        Acc {
+            n: self.n,
+            mean: self.mean[c],
+            m2: self.m2[c],
+        }
+    }
+
+    /// Sets window channel `c`'s shift at each of its positions.
+    fn set_shift(&mut self, span: &Span, c: usize, k: f32) {
+        for p in span.positions(c) {
+            self.k[p] = k;
+        }
+    }
+
+    /// Merges a block of `n` elements per channel whose shifted sums are
+    /// `sums(c)`; the new mean becomes the channel's shift.
+    fn end_block(&mut self, span: &Span, n: u64, sums: impl Fn(&Window, usize) -> (f64, f64)) {
+        let inv = 1.0 / n as f64;
+        let wb = n as f64 / (self.n + n) as f64;
+        for c in 0..span.channels() {
+            let (s1, s2) = sums(self, c);
+            let d = s1 * inv;
+            let m2 = s2 - s1 * d;
+            // `<` keeps a NaN; a hair below zero is rounding.
+            let m2 = if m2 < 0.0 { 0.0 } else { m2 };
+            let k = self.k[c * span.div];
+            let block = Acc {
+                n,
+                mean: k as f64 + d,
+                m2,
+            };
+            let acc = if self.n == 0 {
+                block
+            } else {
+                self.acc(c).merge_weighted(block, wb)
+            };
+            self.mean[c] = acc.mean;
+            self.m2[c] = acc.m2;
+            self.set_shift(span, c, acc.mean as f32);
+        }
+        self.s[..span.len].fill(0.0);
+        self.q[..span.len].fill(0.0);
+        self.n += n;
+    }
+
+    /// [`end_block`](Window::end_block) when position `c` is channel `c`
+    /// (a window of an NHWC row): straight loops over the arrays, which the
+    /// compiler vectorizes, because a wide row has a block end's worth of
+    /// `f64` work per channel and small tensors have few rows to spread it
+    /// over.
+    fn end_block_flat(&mut self, len: usize, n: u64) {
+        let inv = 1.0 / n as f64;
+        let wb = n as f64 / (self.n + n) as f64;
+        let na = self.n;
+        let first = self.n == 0;
+        let (s, q, k) = (&mut self.s[..len], &mut self.q[..len], &mut self.k[..len]);
+        let (mean, m2) = (&mut self.mean[..len], &mut self.m2[..len]);
+        for c in 0..len {
+            let (s1, s2) = (s[c] as f64, q[c] as f64);
+            let d = s1 * inv;
+            let b = s2 - s1 * d;
+            // `<` keeps a NaN; a hair below zero is rounding.
+            let b = if b < 0.0 { 0.0 } else { b };
+            let block = Acc {
+                n,
+                mean: k[c] as f64 + d,
+                m2: b,
+            };
+            let acc = if first {
+                block
+            } else {
+                let a = Acc {
+                    n: na,
+                    mean: mean[c],
+                    m2: m2[c],
+                };
+                a.merge_weighted(block, wb)
+            };
+            mean[c] = acc.mean;
+            m2[c] = acc.m2;
+            k[c] = acc.mean as f32;
+            s[c] = 0.0;
+            q[c] = 0.0;
+        }
+        self.n += n;
+    }
+}
+
+/// A span's rows through the panel kernels. Resets `st` first.
+fn walk<V: Lane>(x: &[f32], span: Span, st: &mut Window) {
+    let w = V::WIDTH;
+    st.n = 0;
+    if span.rows == 0 {
+        return;
+    }
+    // A channel's first element is its first shift.
+    for c in 0..span.channels() {
+        st.set_shift(&span, c, x[span.start + c * span.div]);
+    }
+    let whole = span.len / w;
+    let rem = span.len % w;
+    // Balanced column groups: none is much shorter than SLOTS vectors.
+    let groups = whole.div_ceil(V::SLOTS);
+    let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
+    let per_row = span.per_row() as u64;
+    let mut done = 0;
+    while done < span.rows {
+        let block = (3 * done).clamp(1, BLOCK_ROWS).min(span.rows - done);
+        let mut r = 0;
+        while r < block {
+            let pr = PANEL_ROWS.min(block - r);
+            let row0 = span.start + (done + r) * span.stride;
+            let mut v0 = 0;
+            for gi in 0..groups {
+                let nv = size + usize::from(gi < longer);
+                let (o, e) = (v0 * w, (v0 + nv) * w);
+                panel_nv::<V>(
+                    nv,
+                    x,
+                    row0 + o,
+                    pr,
+                    span.stride,
+                    &mut st.s[o..e],
+                    &mut st.q[o..e],
+                    &st.k[o..e],
+                );
+                v0 += nv;
             }
-            emit(base + c, g.acc[c]);
+            if rem != 0 {
+                // One vector ending at the row's end; its first `w - rem`
+                // lanes are counted by the vector before.
+                let o = span.len - w;
+                let (mut s, mut q) = ([0.0f32; 16], [0.0f32; 16]);
+                panel_nv::<V>(
+                    1,
+                    x,
+                    row0 + o,
+                    pr,
+                    span.stride,
+                    &mut s[..w],
+                    &mut q[..w],
+                    &st.k[o..o + w],
+                );
+                for j in w - rem..w {
+                    st.s[o + j] += s[j];
+                    st.q[o + j] += q[j];
+                }
+            }
+            r += pr;
         }
-        if next_first < base + channels {
-            let keep = next_first - base;
-            let (acc, shift) = (g.acc[keep], g.shift[keep]);
-            g.clear(channels);
-            g.acc[0] = acc;
-            g.shift[0] = shift;
+        let n = block as u64 * per_row;
+        if span.len == span.channels() {
+            st.end_block_flat(span.len, n);
         } else {
-            g.clear(channels);
+            st.end_block(&span, n, |st, c| {
+                span.positions(c).fold((0.0, 0.0), |(a, b), p| {
+                    (a + st.s[p] as f64, b + st.q[p] as f64)
+                })
+            });
         }
-        base = next_first;
+        done += block;
+    }
+}
+
+/// A few rows summed exactly in `f64` around the shifts and merged as one
+/// block (the rows a super-row walk leaves over).
+fn exact_block(x: &[f32], span: Span, st: &mut Window) {
+    if span.rows == 0 {
+        return;
+    }
+    if st.n == 0 {
+        for c in 0..span.channels() {
+            st.set_shift(&span, c, x[span.start + c * span.div]);
+        }
+    }
+    let n = (span.rows * span.per_row()) as u64;
+    st.end_block(&span, n, |st, c| {
+        let k = st.k[c * span.div] as f64;
+        let mut sums = (0.0, 0.0);
+        for r in 0..span.rows {
+            for p in span.positions(c) {
+                let d = x[span.start + r * span.stride + p] as f64 - k;
+                sums.0 += d;
+                sums.1 += d * d;
+            }
+        }
+        sums
+    });
+}
+
+/// [`panel_n`] for `nv` (1 to 8) vectors.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn panel_nv<V: Lane>(
+    nv: usize,
+    x: &[f32],
+    base: usize,
+    rows: usize,
+    stride: usize,
+    s: &mut [f32],
+    q: &mut [f32],
+    k: &[f32],
+) {
+    match nv {
+        1 => panel_n::<V, 1>(x, base, rows, stride, s, q, k),
+        2 => panel_n::<V, 2>(x, base, rows, stride, s, q, k),
+        3 => panel_n::<V, 3>(x, base, rows, stride, s, q, k),
+        4 => panel_n::<V, 4>(x, base, rows, stride, s, q, k),
+        5 => panel_n::<V, 5>(x, base, rows, stride, s, q, k),
+        6 => panel_n::<V, 6>(x, base, rows, stride, s, q, k),
+        7 => panel_n::<V, 7>(x, base, rows, stride, s, q, k),
+        _ => panel_n::<V, 8>(x, base, rows, stride, s, q, k),
+    }
+}
+
+/// `NV` back-to-back vectors at `base` of `rows` rows `stride` apart, summed
+/// around the shifts `k` in registers (short groups unrolled over rows) and
+/// added to the block sums `s` and `q`.
+#[inline(always)]
+fn panel_n<V: Lane, const NV: usize>(
+    x: &[f32],
+    base: usize,
+    rows: usize,
+    stride: usize,
+    s: &mut [f32],
+    q: &mut [f32],
+    k: &[f32],
+) {
+    let w = V::WIDTH;
+    let unroll = (V::SLOTS / NV).max(1);
+    let kv: [V; NV] = core::array::from_fn(|v| V::load(&k[v * w..]));
+    let one = fma_one::<V>();
+    let mut si = [V::splat(0.0); MAX_SLOTS];
+    let mut qi = [V::splat(0.0); MAX_SLOTS];
+    let mut pos = base;
+    for _ in 0..rows / unroll {
+        for u in 0..unroll {
+            let seg = &x[pos + u * stride..pos + u * stride + NV * w];
+            let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
+            add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv, u * NV, one);
+        }
+        pos += unroll * stride;
+    }
+    for _ in 0..rows % unroll {
+        let seg = &x[pos..pos + NV * w];
+        let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
+        add_row(&mut si, &mut qi, row, &kv, 0, one);
+        pos += stride;
+    }
+    for u in 1..unroll {
+        for v in 0..NV {
+            si[v] = si[v].add(si[u * NV + v]);
+            qi[v] = qi[v].add(qi[u * NV + v]);
+        }
+    }
+    for v in 0..NV {
+        V::load(&s[v * w..]).add(si[v]).store(&mut s[v * w..]);
+        V::load(&q[v * w..]).add(qi[v]).store(&mut q[v * w..]);
     }
 }
 
@@ -880,7 +1223,7 @@ const RUN_PIECE: usize = 16 * 1024;
 /// batch element by batch element so that reads are in memory order (a
 /// window of one batch element is one contiguous stretch), each run of `s`
 /// elements reduced by [`run_sums`] around its channel's shift.
-fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut dyn FnMut(usize, Acc)) {
+fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(usize, Acc)) {
     let mut g = Group::new();
     let mut c0 = 0;
     while c0 < c {
@@ -927,6 +1270,7 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
         return run_sums::<V::Half>(run, k);
     }
     let kv = [V::splat(k); MAX_SLOTS];
+    let one = fma_one::<V>();
     let mut s = [V::splat(0.0); MAX_SLOTS];
     let mut q = [V::splat(0.0); MAX_SLOTS];
     let step = V::SLOTS * w;
@@ -939,7 +1283,7 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
                 kv[0]
             }
         });
-        add_row(&mut s, &mut q, row, &kv);
+        add_row(&mut s, &mut q, row, &kv, 0, one);
     }
     let rest = chunks.remainder();
     let mut vectors = rest.chunks_exact(w);

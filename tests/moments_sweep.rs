@@ -85,6 +85,12 @@ fn long_and_ill_conditioned() {
             Shape::nchw(300, 200, 3),
             Shape::nchw(2, 3, 40_000),
             Shape::nchw(1, 1, 100_003),
+            // Panel walks: several blocks of super-rows, one window with an
+            // overlapping last vector, two windows, windows of NCHW channels.
+            Shape::nhwc(5000, 1, 64),
+            Shape::nhwc(2500, 1, 300),
+            Shape::nhwc(700, 1, 1500),
+            Shape::nchw(500, 700, 3),
         ] {
             let x = channel_data(
                 &mut rng,
@@ -109,6 +115,10 @@ fn outlier_first_element() {
             Shape::nhwc(700, 3, 40),
             Shape::nchw(3, 4, 2000),
             Shape::nchw(900, 3, 2),
+            Shape::nhwc(2100, 1, 100),
+            Shape::nhwc(700, 3, 300),
+            Shape::nhwc(400, 1, 1500),
+            Shape::nchw(300, 700, 3),
         ] {
             let mut x = channel_data(&mut rng, shape, &[0.0, 5.0], &[1.0, 0.5]);
             for c in 0..shape.channels {
