@@ -3,19 +3,19 @@
 //!
 //! # Algorithm
 //!
-//! Every lane of every accumulator vector is pinned to one channel for the
-//! whole pass. Within a *block* of rows a lane accumulates, in `f32`,
-//! `s = Σ(x - K)` and `q = Σ(x - K)²` around a per-channel shift `K`: three
-//! vector operations per element vector (sub, add, fused multiply-add), no
-//! division and no dependency between elements beyond the accumulator. At the
-//! end of a block the lanes of a channel are summed in `f64`, turned into the
-//! block's `(count, mean, m2)` and merged into the channel's running `f64`
-//! record with [`merge`](Acc::merge) (Chan et al., 1979). The shift for the
-//! next block is the channel's running mean, so `x - K` stays of the order of
-//! the standard deviation and the shifted sums do not cancel, however large
-//! the common offset (`1e6 + N(0, 1)` included). Blocks start at one row and
-//! grow fourfold up to [`BLOCK_ROWS`], so even an outlier in the first
-//! element does not leave a poor shift in place for long.
+//! Every lane of every accumulator vector is pinned to one *position* (a
+//! fixed place in a row, hence one channel) for the whole pass. Within a
+//! *block* of rows a lane accumulates, in `f32`, `s = Σ(x - K)` and
+//! `q = Σ(x - K)²` around a shift `K`: three vector operations per element
+//! vector (sub, add, fused multiply-add), no division and no dependency
+//! between elements beyond the accumulator. At the end of a block the sums
+//! are turned, in `f64`, into the block's `(count, mean, m2)` and merged into
+//! a running `f64` record with [`merge`](Acc::merge) (Chan et al., 1979).
+//! The shift for the next block is the running mean, so `x - K` stays of the
+//! order of the standard deviation and the shifted sums do not cancel,
+//! however large the common offset (`1e6 + N(0, 1)` included). Blocks start
+//! at one row and grow fourfold up to [`BLOCK_ROWS`], so even an outlier in
+//! the first element does not leave a poor shift in place for long.
 //!
 //! # Layouts
 //!
@@ -23,38 +23,37 @@
 //!   position `p` of the flat tensor belongs to channel `(p mod P) / S`
 //!   (`P = C`, `S = 1` for NHWC; `P = C * S` for NCHW). Rows are grouped
 //!   into super-rows of `lcm(P, lanes)` elements so that every lane stays on
-//!   one channel and all lanes are used, even for an RGB input (`C = 3`).
-//!   - When a super-row fits in one column group (at most `Lane::SLOTS`
-//!     vectors, [`GROUP_CHANNELS`] channels) the group sweeps every row with
-//!     its sums in registers; a last partial super-row goes through the same
-//!     kernel instantiated with one-lane `f32`.
-//!   - Otherwise the rows are read in *panels* of [`PANEL_ROWS`] rows: each
-//!     column group sums its columns of the panel in registers and adds the
-//!     sums to per-position `f32` block sums in memory, then the next group
-//!     takes the next columns of the same rows, so the tensor is read once.
-//!     A row (or super-row) of up to [`WINDOW`] positions is one window; a
-//!     longer row is split into windows of whole channels, one pass each. A
-//!     row whose length is not a multiple of the width ends with a vector
-//!     that overlaps the one before; its duplicated lanes are not counted.
+//!   one position and all lanes are used, even for an RGB input (`C = 3`).
+//!   Rows are read in *panels*: each column group (at most `Lane::SLOTS`
+//!   vectors) sums its columns of the panel in registers and adds the sums
+//!   to per-position `f32` block sums in memory, then the next group takes
+//!   the next columns of the same rows, so the tensor is read once. Each
+//!   position keeps its own record; a channel's positions are merged when
+//!   the walk ends, with the rows left after the last whole super-row
+//!   (fewer than one super-row) summed exactly in `f64`. A super-row of up to
+//!   [`WINDOW`] positions is one window; a longer row is split into windows
+//!   of whole channels, one pass each. A window whose length is not a
+//!   multiple of the width ends with a vector that overlaps the one before;
+//!   its duplicated lanes are not counted.
 //! * NCHW with at least one vector of spatial positions is a set of
 //!   contiguous runs: windows of up to [`GROUP_CHANNELS`] channels are walked
 //!   batch element by batch element (memory order), each run reduced by a
 //!   short loop with `SLOTS` accumulators into its channel's block sums.
 //!
-//! Columns are processed in groups of at most `Lane::SLOTS` vectors so that
-//! the accumulators stay in registers; short groups unroll over several rows
-//! instead, so a kernel always has `SLOTS` independent dependency chains.
+//! Short column groups unroll over several rows, so a kernel always has
+//! `SLOTS` independent dependency chains.
 //!
 //! # Stack
 //!
-//! Register sweeps and runs use one [`Group`]: for at most
-//! [`GROUP_CHANNELS`] = 128 channels, an `f64` record (24 bytes), a shift (4)
-//! and the block's `f64` sums and count (24), 6.5 KiB in all, plus two
-//! 64-byte spill buffers and the lane map (256 bytes). A panel walk uses one
-//! [`Window`] instead: per position, `f32` block sums and a shift (12
-//! bytes), per channel an `f64` mean and `m2` (16 bytes), for
-//! [`WINDOW`] + 32 positions: 29.6 KiB. The two are never live together.
-//! Nothing depends on the tensor's size. No heap.
+//! Runs use one [`Group`]: for at most [`GROUP_CHANNELS`] = 128 channels, an
+//! `f64` record (24 bytes), a shift (4) and the block's `f64` sums and count
+//! (24), 6.5 KiB in all. A panel walk uses one [`Window`]: per position,
+//! `f32` block sums and a shift (12 bytes) and an `f64` mean and `m2` (16
+//! bytes), for 160 positions (4.4 KiB) when `lcm(P, lanes) <= 128` (C = 1,
+//! 2, 3, 4, 7, 8, 16, 32, 64 and 128 on every width, for example), else for
+//! 1056 positions (29 KiB).
+//! Only one of them is live at a time. Nothing depends on the tensor's size.
+//! No heap.
 //!
 //! # Domain
 //!
@@ -88,15 +87,8 @@ const INNER_ROWS: usize = 256;
 /// Largest number of channels one column group holds records for.
 pub const GROUP_CHANNELS: usize = 128;
 
-/// Longest super-row (in elements) the periodic path uses before it switches
-/// to row-by-row vectors with an overlapping last vector.
-const MAX_SUPER_ROW: usize = 1024;
-
 /// Largest `SLOTS` of any lane type.
 const MAX_SLOTS: usize = 8;
-
-/// Lane map entry of a lane whose value is counted by another lane.
-const SKIP: u16 = u16::MAX;
 
 /// A channel's running statistics in `f64`: the crate's one implementation of
 /// Chan's parallel merge.
@@ -440,113 +432,6 @@ impl Weights {
     }
 }
 
-/// Row starts of a sweep: `outer` runs of `inner` rows; row `(o, i)` starts
-/// at `base + o * outer_stride + i * inner_stride`.
-#[derive(Clone, Copy)]
-struct Rows {
-    base: usize,
-    outer: usize,
-    outer_stride: usize,
-    inner: usize,
-    inner_stride: usize,
-}
-
-impl Rows {
-    fn contiguous(base: usize, rows: usize, stride: usize) -> Rows {
-        Rows {
-            base,
-            outer: 1,
-            outer_stride: 0,
-            inner: rows,
-            inner_stride: stride,
-        }
-    }
-
-    fn total(&self) -> usize {
-        self.outer * self.inner
-    }
-
-    fn cursor(&self) -> Cursor {
-        Cursor {
-            rows: *self,
-            run_start: self.base,
-            pos: self.base,
-            i: 0,
-        }
-    }
-}
-
-struct Cursor {
-    rows: Rows,
-    run_start: usize,
-    pos: usize,
-    i: usize,
-}
-
-impl Cursor {
-    #[inline(always)]
-    fn next(&mut self) -> usize {
-        let r = self.pos;
-        self.i += 1;
-        if self.i == self.rows.inner {
-            self.i = 0;
-            self.run_start += self.rows.outer_stride;
-            self.pos = self.run_start;
-        } else {
-            self.pos += self.rows.inner_stride;
-        }
-        r
-    }
-
-    /// Skips `n` rows, all within the current run (`i + n <= inner`).
-    #[inline(always)]
-    fn advance(&mut self, n: usize) {
-        self.i += n;
-        if self.i == self.rows.inner {
-            self.i = 0;
-            self.run_start += self.rows.outer_stride;
-            self.pos = self.run_start;
-        } else {
-            self.pos += n * self.rows.inner_stride;
-        }
-    }
-}
-
-/// One column group: `nv` vectors at `cols` (offsets from a row start), and
-/// for each lane the group-relative channel it counts for, or `SKIP`.
-struct Columns {
-    nv: usize,
-    cols: [usize; MAX_SLOTS],
-    chan: [u16; MAX_SLOTS * 16],
-}
-
-/// Sweeps `rows` over one column group, updating `g`. Dispatches on the
-/// number of vectors so that the accumulators are a fixed-size array the
-/// compiler keeps in registers.
-fn sweep<V: Lane>(x: &[f32], rows: Rows, cols: &Columns, g: &mut Group, channels: usize) {
-    let w = V::WIDTH;
-    let contiguous = (0..cols.nv).all(|v| cols.cols[v] == cols.cols[0] + v * w);
-    macro_rules! by_nv {
-        ($contig:literal) => {
-            match cols.nv {
-                1 => sweep_n::<V, 1, $contig>(x, rows, cols, g, channels),
-                2 => sweep_n::<V, 2, $contig>(x, rows, cols, g, channels),
-                3 => sweep_n::<V, 3, $contig>(x, rows, cols, g, channels),
-                4 => sweep_n::<V, 4, $contig>(x, rows, cols, g, channels),
-                5 => sweep_n::<V, 5, $contig>(x, rows, cols, g, channels),
-                6 => sweep_n::<V, 6, $contig>(x, rows, cols, g, channels),
-                7 => sweep_n::<V, 7, $contig>(x, rows, cols, g, channels),
-                _ => sweep_n::<V, 8, $contig>(x, rows, cols, g, channels),
-            }
-        };
-    }
-    if contiguous {
-        by_nv!(true)
-    } else {
-        by_nv!(false)
-    }
-}
-
 /// With FMA, every other `s` accumulator adds through the FMA unit
 /// (`d * 1 + s`, one rounding, the same value as `s + d`). Cores that run
 /// adds and FMAs on separate pipes (AMD Zen: two of each, 256 bits wide) then
@@ -590,177 +475,6 @@ fn add_row<V: Lane, const NV: usize>(
     }
 }
 
-/// The `NV` vectors of one row. With `CONTIG` (vectors back to back) the row
-/// is sliced once to a length known at compile time, so the loads carry no
-/// bounds checks; otherwise each load is checked.
-#[inline(always)]
-fn row_vectors<V: Lane, const NV: usize, const CONTIG: bool>(
-    x: &[f32],
-    start: usize,
-    col: &[usize; NV],
-) -> [V; NV] {
-    let w = V::WIDTH;
-    if CONTIG {
-        let seg = &x[start + col[0]..start + col[0] + NV * w];
-        core::array::from_fn(|v| V::load(&seg[v * w..]))
-    } else {
-        core::array::from_fn(|v| V::load(&x[start + col[v]..]))
-    }
-}
-
-#[inline(always)]
-fn sweep_n<V: Lane, const NV: usize, const CONTIG: bool>(
-    x: &[f32],
-    rows: Rows,
-    cols: &Columns,
-    g: &mut Group,
-    channels: usize,
-) {
-    let w = V::WIDTH;
-    let total = rows.total();
-    if total == 0 {
-        return;
-    }
-    // Rows unrolled per step so that `unroll * NV` chains run in parallel.
-    let unroll = (V::SLOTS / NV).max(1);
-    let col: [usize; NV] = core::array::from_fn(|v| cols.cols[v]);
-
-    // A channel with no data yet takes its first element as its shift. The
-    // reverse walk leaves the first lane's value in place.
-    let first = rows.base;
-    for v in (0..NV).rev() {
-        for j in (0..w).rev() {
-            let c = cols.chan[v * w + j];
-            if c != SKIP && g.acc[c as usize].n == 0 {
-                g.shift[c as usize] = x[first + col[v] + j];
-            }
-        }
-    }
-
-    // Every lane of every vector counts for the same channel (NCHW runs).
-    let c0 = cols.chan[0];
-    let uniform = c0 != SKIP && cols.chan[..NV * w].iter().all(|&c| c == c0);
-
-    let mut cursor = rows.cursor();
-    let one = fma_one::<V>();
-    let mut buf = [0.0f32; 16];
-    let mut buf2 = [0.0f32; 16];
-    let mut done = 0;
-    while done < total {
-        let block = (3 * done).clamp(1, BLOCK_ROWS).min(total - done);
-        let k: [V; NV] = core::array::from_fn(|v| {
-            if uniform {
-                return V::splat(g.shift[c0 as usize]);
-            }
-            for (b, &c) in buf.iter_mut().zip(&cols.chan[v * w..(v + 1) * w]) {
-                *b = if c == SKIP { 0.0 } else { g.shift[c as usize] };
-            }
-            V::load(&buf)
-        });
-        // Registers sum at most INNER_ROWS rows per lane before they are
-        // added to the block's f32 sums: structured data (0/1 values, one
-        // repeated deviation) rounds the same way at every add, so the error
-        // of a long f32 sum grows linearly, not like its square root.
-        let mut s = [V::splat(0.0); MAX_SLOTS];
-        let mut q = [V::splat(0.0); MAX_SLOTS];
-        let mut left = block;
-        while left > 0 {
-            let sub = left.min(INNER_ROWS);
-            let mut si = [V::splat(0.0); MAX_SLOTS];
-            let mut qi = [V::splat(0.0); MAX_SLOTS];
-            let full = sub / unroll;
-            let rest = sub % unroll;
-            let step = unroll * NV * w;
-            let dense =
-                CONTIG && rows.inner_stride == NV * w && cursor.i + full * unroll <= rows.inner;
-            if dense {
-                // Back-to-back rows inside one run: one slice for the whole
-                // block, walked in steps whose length the compiler knows.
-                let base = cursor.pos + col[0];
-                for chunk in x[base..base + full * step].chunks_exact(step) {
-                    for u in 0..unroll {
-                        let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
-                        add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &k, u * NV, one);
-                    }
-                }
-                cursor.advance(full * unroll);
-            }
-            for _ in 0..if dense { 0 } else { full } {
-                let mut start = [0usize; MAX_SLOTS];
-                for st in start.iter_mut().take(unroll) {
-                    *st = cursor.next();
-                }
-                for (u, &st) in start.iter().enumerate().take(unroll) {
-                    let row = row_vectors::<V, NV, CONTIG>(x, st, &col);
-                    add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &k, u * NV, one);
-                }
-            }
-            for _ in 0..rest {
-                let row = row_vectors::<V, NV, CONTIG>(x, cursor.next(), &col);
-                add_row(&mut si, &mut qi, row, &k, 0, one);
-            }
-            for i in 0..unroll * NV {
-                s[i] = s[i].add(si[i]);
-                q[i] = q[i].add(qi[i]);
-            }
-            left -= sub;
-        }
-        // Fold the unroll copies in f32 (slot `u * NV + v` has vector `v`'s
-        // lane map), and with a uniform map every vector into one: lane `j`
-        // of `s[v]` then holds `per_lane` elements.
-        for u in 1..unroll {
-            for v in 0..NV {
-                s[v] = s[v].add(s[u * NV + v]);
-                q[v] = q[v].add(q[u * NV + v]);
-            }
-        }
-        let (nv, per_lane) = if uniform {
-            for v in 1..NV {
-                s[0] = s[0].add(s[v]);
-                q[0] = q[0].add(q[v]);
-            }
-            (1, (NV * block) as u64)
-        } else {
-            (NV, block as u64)
-        };
-        // Lanes of one channel are summed in registers and flushed when the
-        // channel changes, so no lane waits on a store to the same record.
-        for v in 0..nv {
-            s[v].store(&mut buf);
-            q[v].store(&mut buf2);
-            let mut cur = SKIP;
-            let (mut a1, mut a2, mut cnt) = (0.0f64, 0.0f64, 0u64);
-            for j in 0..w {
-                let c = cols.chan[v * w + j];
-                if c == SKIP {
-                    continue;
-                }
-                if c != cur {
-                    if cur != SKIP {
-                        let cu = cur as usize;
-                        g.s1[cu] += a1;
-                        g.s2[cu] += a2;
-                        g.n[cu] += cnt;
-                    }
-                    cur = c;
-                    (a1, a2, cnt) = (0.0, 0.0, 0);
-                }
-                a1 += buf[j] as f64;
-                a2 += buf2[j] as f64;
-                cnt += per_lane;
-            }
-            if cur != SKIP {
-                let cu = cur as usize;
-                g.s1[cu] += a1;
-                g.s2[cu] += a2;
-                g.n[cu] += cnt;
-            }
-        }
-        g.end_block(channels);
-        done += block;
-    }
-}
-
 fn gcd(mut a: usize, mut b: usize) -> usize {
     while b != 0 {
         (a, b) = (b, a % b);
@@ -769,7 +483,8 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
 }
 
 /// Periodic tensors: flat position `p` belongs to channel `(p mod period) / div`;
-/// `rows` rows of `period` elements.
+/// `rows` rows of `period` elements. Small windows keep the stack small
+/// for the channel counts firmware uses.
 fn periodic<V: Lane>(
     x: &[f32],
     period: usize,
@@ -777,117 +492,67 @@ fn periodic<V: Lane>(
     rows: usize,
     emit: &mut impl FnMut(usize, Acc),
 ) {
-    let w = V::WIDTH;
-    let channels = period / div;
-    let lcm = period / gcd(period, w) * w;
-    if channels > GROUP_CHANNELS || lcm > MAX_SUPER_ROW || lcm / w > V::SLOTS {
-        return panels::<V>(x, period, div, rows, lcm, emit);
-    }
-    // One column group holds the whole super-row of `lcm` elements: lane `j`
-    // of vector `v` is always position `(v * w + j) mod period`.
-    let mut g = Group::new();
-    let per = lcm / period;
-    let supers = rows / per;
-    let nv = lcm / w;
-    let mut cols = Columns {
-        nv,
-        cols: [0; MAX_SLOTS],
-        chan: [SKIP; MAX_SLOTS * 16],
-    };
-    for v in 0..nv {
-        cols.cols[v] = v * w;
-        for j in 0..w {
-            cols.chan[v * w + j] = ((v * w + j) % period / div) as u16;
-        }
-    }
-    sweep::<V>(x, Rows::contiguous(0, supers, lcm), &cols, &mut g, channels);
-    // The last, partial super-row: the same kernel on one lane.
-    let left = (rows - supers * per) * period;
-    let start = supers * lcm;
-    let mut p0 = 0;
-    while p0 < left {
-        let nv = (left - p0).min(<f32 as Lane>::SLOTS);
-        let mut cols = Columns {
-            nv,
-            cols: [0; MAX_SLOTS],
-            chan: [SKIP; MAX_SLOTS * 16],
-        };
-        for v in 0..nv {
-            cols.cols[v] = p0 + v;
-            cols.chan[v] = ((p0 + v) % period / div) as u16;
-        }
-        sweep::<f32>(x, Rows::contiguous(start, 1, 0), &cols, &mut g, channels);
-        p0 += nv;
-    }
-    for (c, acc) in g.acc.iter().enumerate().take(channels) {
-        emit(c, *acc);
+    let lcm = period / gcd(period, V::WIDTH) * V::WIDTH;
+    if lcm <= SMALL_WINDOW {
+        panels::<V, { SMALL_WINDOW + WINDOW_SLACK }>(x, period, div, rows, lcm, emit)
+    } else {
+        panels::<V, { WINDOW + WINDOW_SLACK }>(x, period, div, rows, lcm, emit)
     }
 }
 
-/// Row positions one panel walk keeps block sums for. A longer row is walked
-/// in windows of whole channels, one pass over the rows per window.
+/// Row positions one panel walk keeps block sums and records for. A longer
+/// row is walked in windows of whole channels, one pass over the rows each.
 const WINDOW: usize = 1024;
+
+/// The window of super-rows up to this length (every channel count up to
+/// 128 with a power-of-two width, e.g. 3, 16 and 64): 4.4 KiB of stack.
+const SMALL_WINDOW: usize = 128;
 
 /// Room for a window that ends on a channel boundary past [`WINDOW`].
 const WINDOW_SLACK: usize = 32;
 
-/// Rows in a panel: each column group sums this many rows in registers
-/// before it moves its sums to the block sums in memory (two loads, two adds
-/// and two stores per vector, so about one operation in sixteen), and then
-/// moves on to its neighbour's columns of the same rows. Longer panels read
-/// memory in a longer stride pattern, which measured slower at L3 and DRAM
-/// sizes on the machine of README §Performance. As for [`INNER_ROWS`], no
-/// `f32` sum takes more than a few hundred terms: 16 rows in a register,
-/// then at most `BLOCK_ROWS / 16` = 128 panel sums in a block sum.
+/// Rows in a panel when a row needs several column groups: each group sums
+/// this many rows in registers before it moves its sums to the block sums
+/// in memory (two loads, two adds and two stores per vector, about one
+/// operation in sixteen) and the next group takes its columns of the same
+/// rows. Longer panels read memory in a longer stride pattern, which
+/// measured slower at L3 and DRAM sizes on the machine of README
+/// §Performance. A row that fits one group is read in order anyway and
+/// takes [`INNER_ROWS`] rows per panel. Either way no `f32` sum takes more
+/// than a few hundred terms: at most 256 rows in a register, then at most
+/// `BLOCK_ROWS / 16` = 128 panel sums in a block sum.
 const PANEL_ROWS: usize = 16;
 
-/// State of one panel walk: per position, the block's `f32` sums and the
-/// shift; per channel, the running `f64` mean and `m2` (every channel of a
-/// window has the same count).
-struct Window {
-    s: [f32; WINDOW + WINDOW_SLACK],
-    q: [f32; WINDOW + WINDOW_SLACK],
-    k: [f32; WINDOW + WINDOW_SLACK],
-    mean: [f64; WINDOW + WINDOW_SLACK],
-    m2: [f64; WINDOW + WINDOW_SLACK],
+/// State of one panel walk over `N` positions: per position the block's
+/// `f32` sums, the shift, and the running `f64` mean and `m2`. Every
+/// position has the same count, so one `n` serves all; channels are formed
+/// by merging their positions' records at the end.
+struct Window<const N: usize> {
+    s: [f32; N],
+    q: [f32; N],
+    k: [f32; N],
+    mean: [f64; N],
+    m2: [f64; N],
     n: u64,
 }
 
-/// Where a window's elements are: row `r` covers `x[start + r * stride ..][..len]`;
-/// position `p` of a row belongs to window channel `(p % cycle) / div`.
+/// Where a window's elements are: row `r` is `x[start + r * stride ..][..len]`.
 #[derive(Clone, Copy)]
 struct Span {
     start: usize,
     stride: usize,
     len: usize,
     rows: usize,
-    cycle: usize,
-    div: usize,
 }
 
-impl Span {
-    fn channels(&self) -> usize {
-        self.cycle / self.div
-    }
-
-    /// Elements each channel has in one row.
-    fn per_row(&self) -> usize {
-        self.len / self.cycle * self.div
-    }
-
-    /// The positions of window channel `c` within a row.
-    fn positions(&self, c: usize) -> impl Iterator<Item = usize> {
-        let (cycle, div) = (self.cycle, self.div);
-        (0..self.len / cycle).flat_map(move |r| (0..div).map(move |t| r * cycle + c * div + t))
-    }
-}
-
-/// Periodic rows wider than one column group hold: rows are read in panels
-/// of a few rows, every column group sums its columns of the panel in
-/// registers and adds the sums to per-position `f32` block sums in memory,
-/// so the tensor is read once (per window of [`WINDOW`] positions) however
-/// many channels it has. Block ends and shifts are as in [`sweep_n`].
-fn panels<V: Lane>(
+/// Rows are read in *panels* of a few rows: every column group sums its
+/// columns of a panel in registers and adds the sums to per-position `f32`
+/// block sums, so the tensor is read once (per window of [`WINDOW`]
+/// positions) however many channels it has. Blocks grow as described in the
+/// module docs; each position keeps its own record and shift (a position is
+/// a fixed lane of a fixed channel), and a channel's positions are merged
+/// with Chan's formula when the walk ends.
+fn panels<V: Lane, const N: usize>(
     x: &[f32],
     period: usize,
     div: usize,
@@ -895,16 +560,18 @@ fn panels<V: Lane>(
     lcm: usize,
     emit: &mut impl FnMut(usize, Acc),
 ) {
-    let mut st = Window {
-        s: [0.0; WINDOW + WINDOW_SLACK],
-        q: [0.0; WINDOW + WINDOW_SLACK],
-        k: [0.0; WINDOW + WINDOW_SLACK],
-        mean: [0.0; WINDOW + WINDOW_SLACK],
-        m2: [0.0; WINDOW + WINDOW_SLACK],
+    let mut st = Window::<N> {
+        s: [0.0; N],
+        q: [0.0; N],
+        k: [0.0; N],
+        mean: [0.0; N],
+        m2: [0.0; N],
         n: 0,
     };
-    if lcm <= WINDOW {
-        // Super-rows of `lcm` elements, then the rows left over.
+    let channels = period / div;
+    if lcm + WINDOW_SLACK <= N {
+        // Super-rows of `lcm` elements (position `p` is channel
+        // `(p mod period) / div`), then the rows left over.
         let per = lcm / period;
         let supers = rows / per;
         let span = Span {
@@ -912,114 +579,93 @@ fn panels<V: Lane>(
             stride: lcm,
             len: lcm,
             rows: supers,
-            cycle: period,
-            div,
         };
-        walk::<V>(x, span, &mut st);
-        let left = Span {
-            start: supers * lcm,
-            stride: period,
-            len: period,
-            rows: rows - supers * per,
-            cycle: period,
-            div,
-        };
-        exact_block(x, left, &mut st);
-        for c in 0..span.channels() {
-            emit(c, st.acc(c));
+        walk::<V, N>(x, span, &mut st);
+        let tail = &x[supers * lcm..(supers * lcm + (rows - supers * per) * period)];
+        for c in 0..channels {
+            let mut acc = Acc::default();
+            for r in 0..per {
+                for t in 0..div {
+                    acc = acc.merge(st.acc(r * period + c * div + t));
+                }
+            }
+            emit(c, acc.merge(exact(tail, period, c * div, div)));
         }
         return;
     }
     // Windows of whole channels, at most WINDOW + div positions each, at
     // least WINDOW / 2 - div >= one vector.
-    let channels = period / div;
     let windows = period.div_ceil(WINDOW);
     for i in 0..windows {
         let (c0, c1) = (i * channels / windows, (i + 1) * channels / windows);
-        let len = (c1 - c0) * div;
         let span = Span {
             start: c0 * div,
             stride: period,
-            len,
+            len: (c1 - c0) * div,
             rows,
-            cycle: len,
-            div,
         };
-        walk::<V>(x, span, &mut st);
-        for c in 0..span.channels() {
-            emit(c0 + c, st.acc(c));
+        walk::<V, N>(x, span, &mut st);
+        for c in 0..c1 - c0 {
+            let mut acc = Acc::default();
+            for t in 0..div {
+                acc = acc.merge(st.acc(c * div + t));
+            }
+            emit(c0 + c, acc);
         }
     }
 }
 
-impl Window {
-    fn acc(&self, c: usize) -> Acc {
+/// The record of the elements `offset .. offset + width` of every row of
+/// `rows` (rows of `period` elements): plain two-pass `f64`, for the few
+/// elements a super-row walk leaves over.
+fn exact(rows: &[f32], period: usize, offset: usize, width: usize) -> Acc {
+    let items = || {
+        rows.chunks_exact(period)
+            .flat_map(move |row| &row[offset..offset + width])
+            .map(|&v| v as f64)
+    };
+    let n = rows.len() / period * width;
+    if n == 0 {
+        return Acc::default();
+    }
+    let mean = items().sum::<f64>() / n as f64;
+    let m2 = items().map(|v| (v - mean) * (v - mean)).sum();
+    Acc {
+        n: n as u64,
+        mean,
+        m2,
+    }
+}
+
+impl<const N: usize> Window<N> {
+    fn acc(&self, p: usize) -> Acc {
         Acc {
             n: self.n,
-            mean: self.mean[c],
-            m2: self.m2[c],
+            mean: self.mean[p],
+            m2: self.m2[p],
         }
     }
 
-    /// Sets window channel `c`'s shift at each of its positions.
-    fn set_shift(&mut self, span: &Span, c: usize, k: f32) {
-        for p in span.positions(c) {
-            self.k[p] = k;
-        }
-    }
-
-    /// Merges a block of `n` elements per channel whose shifted sums are
-    /// `sums(c)`; the new mean becomes the channel's shift.
-    fn end_block(&mut self, span: &Span, n: u64, sums: impl Fn(&Window, usize) -> (f64, f64)) {
-        let inv = 1.0 / n as f64;
-        let wb = n as f64 / (self.n + n) as f64;
-        for c in 0..span.channels() {
-            let (s1, s2) = sums(self, c);
-            let d = s1 * inv;
-            let m2 = s2 - s1 * d;
-            // `<` keeps a NaN; a hair below zero is rounding.
-            let m2 = if m2 < 0.0 { 0.0 } else { m2 };
-            let k = self.k[c * span.div];
-            let block = Acc {
-                n,
-                mean: k as f64 + d,
-                m2,
-            };
-            let acc = if self.n == 0 {
-                block
-            } else {
-                self.acc(c).merge_weighted(block, wb)
-            };
-            self.mean[c] = acc.mean;
-            self.m2[c] = acc.m2;
-            self.set_shift(span, c, acc.mean as f32);
-        }
-        self.s[..span.len].fill(0.0);
-        self.q[..span.len].fill(0.0);
-        self.n += n;
-    }
-
-    /// [`end_block`](Window::end_block) when position `c` is channel `c`
-    /// (a window of an NHWC row): straight loops over the arrays, which the
-    /// compiler vectorizes, because a wide row has a block end's worth of
-    /// `f64` work per channel and small tensors have few rows to spread it
-    /// over.
-    fn end_block_flat(&mut self, len: usize, n: u64) {
+    /// Turns the block sums of positions `0..len` (`n` elements each) into
+    /// block records, merges them and makes the new means the shifts; then
+    /// clears the sums. Straight loops over the arrays, which the compiler
+    /// vectorizes: small tensors have few rows to spread a block end over.
+    fn end_block(&mut self, len: usize, n: u64) {
         let inv = 1.0 / n as f64;
         let wb = n as f64 / (self.n + n) as f64;
         let na = self.n;
         let first = self.n == 0;
         let (s, q, k) = (&mut self.s[..len], &mut self.q[..len], &mut self.k[..len]);
         let (mean, m2) = (&mut self.mean[..len], &mut self.m2[..len]);
-        for c in 0..len {
-            let (s1, s2) = (s[c] as f64, q[c] as f64);
+        for p in 0..len {
+            let (s1, s2) = (s[p] as f64, q[p] as f64);
             let d = s1 * inv;
             let b = s2 - s1 * d;
             // `<` keeps a NaN; a hair below zero is rounding.
             let b = if b < 0.0 { 0.0 } else { b };
             let block = Acc {
                 n,
-                mean: k[c] as f64 + d,
+                mean: k[p] as f64 + d,
                 m2: b,
             };
             let acc = if first {
@@ -1027,44 +673,46 @@ impl Window {
             } else {
                 let a = Acc {
                     n: na,
-                    mean: mean[c],
-                    m2: m2[c],
+                    mean: mean[p],
+                    m2: m2[p],
                 };
                 a.merge_weighted(block, wb)
             };
-            mean[c] = acc.mean;
-            m2[c] = acc.m2;
-            k[c] = acc.mean as f32;
-            s[c] = 0.0;
-            q[c] = 0.0;
+            mean[p] = acc.mean;
+            m2[p] = acc.m2;
+            k[p] = acc.mean as f32;
+            s[p] = 0.0;
+            q[p] = 0.0;
         }
         self.n += n;
     }
 }
 
-/// A span's rows through the panel kernels. Resets `st` first.
-fn walk<V: Lane>(x: &[f32], span: Span, st: &mut Window) {
+/// A span's rows through the panel kernels, block by block. Resets `st`.
+fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     let w = V::WIDTH;
     st.n = 0;
     if span.rows == 0 {
         return;
     }
-    // A channel's first element is its first shift.
-    for c in 0..span.channels() {
-        st.set_shift(&span, c, x[span.start + c * span.div]);
-    }
+    // A position's first element is its first shift.
+    st.k[..span.len].copy_from_slice(&x[span.start..span.start + span.len]);
     let whole = span.len / w;
     let rem = span.len % w;
     // Balanced column groups: none is much shorter than SLOTS vectors.
     let groups = whole.div_ceil(V::SLOTS);
     let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
-    let per_row = span.per_row() as u64;
+    let panel = if groups == 1 && rem == 0 {
+        INNER_ROWS
+    } else {
+        PANEL_ROWS
+    };
     let mut done = 0;
     while done < span.rows {
         let block = (3 * done).clamp(1, BLOCK_ROWS).min(span.rows - done);
         let mut r = 0;
         while r < block {
-            let pr = PANEL_ROWS.min(block - r);
+            let pr = panel.min(block - r);
             let row0 = span.start + (done + r) * span.stride;
             let mut v0 = 0;
             for gi in 0..groups {
@@ -1104,44 +752,9 @@ fn walk<V: Lane>(x: &[f32], span: Span, st: &mut Window) {
             }
             r += pr;
         }
-        let n = block as u64 * per_row;
-        if span.len == span.channels() {
-            st.end_block_flat(span.len, n);
-        } else {
-            st.end_block(&span, n, |st, c| {
-                span.positions(c).fold((0.0, 0.0), |(a, b), p| {
-                    (a + st.s[p] as f64, b + st.q[p] as f64)
-                })
-            });
-        }
+        st.end_block(span.len, block as u64);
         done += block;
     }
-}
-
-/// A few rows summed exactly in `f64` around the shifts and merged as one
-/// block (the rows a super-row walk leaves over).
-fn exact_block(x: &[f32], span: Span, st: &mut Window) {
-    if span.rows == 0 {
-        return;
-    }
-    if st.n == 0 {
-        for c in 0..span.channels() {
-            st.set_shift(&span, c, x[span.start + c * span.div]);
-        }
-    }
-    let n = (span.rows * span.per_row()) as u64;
-    st.end_block(&span, n, |st, c| {
-        let k = st.k[c * span.div] as f64;
-        let mut sums = (0.0, 0.0);
-        for r in 0..span.rows {
-            for p in span.positions(c) {
-                let d = x[span.start + r * span.stride + p] as f64 - k;
-                sums.0 += d;
-                sums.1 += d * d;
-            }
-        }
-        sums
-    });
 }
 
 /// [`panel_n`] for `nv` (1 to 8) vectors.
@@ -1188,20 +801,37 @@ fn panel_n<V: Lane, const NV: usize>(
     let one = fma_one::<V>();
     let mut si = [V::splat(0.0); MAX_SLOTS];
     let mut qi = [V::splat(0.0); MAX_SLOTS];
-    let mut pos = base;
-    for _ in 0..rows / unroll {
-        for u in 0..unroll {
-            let seg = &x[pos + u * stride..pos + u * stride + NV * w];
-            let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
-            add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv, u * NV, one);
+    if stride == NV * w {
+        // Back-to-back rows: one slice, walked in steps whose length the
+        // compiler knows, so the loads carry no bounds checks.
+        let all = &x[base..base + rows * stride];
+        let mut chunks = all.chunks_exact(unroll * NV * w);
+        for chunk in &mut chunks {
+            for u in 0..unroll {
+                let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
+                add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv, u * NV, one);
+            }
         }
-        pos += unroll * stride;
-    }
-    for _ in 0..rows % unroll {
-        let seg = &x[pos..pos + NV * w];
-        let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
-        add_row(&mut si, &mut qi, row, &kv, 0, one);
-        pos += stride;
+        for seg in chunks.remainder().chunks_exact(NV * w) {
+            let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
+            add_row(&mut si, &mut qi, row, &kv, 0, one);
+        }
+    } else {
+        let mut pos = base;
+        for _ in 0..rows / unroll {
+            for u in 0..unroll {
+                let seg = &x[pos + u * stride..pos + u * stride + NV * w];
+                let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
+                add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv, u * NV, one);
+            }
+            pos += unroll * stride;
+        }
+        for _ in 0..rows % unroll {
+            let seg = &x[pos..pos + NV * w];
+            let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
+            add_row(&mut si, &mut qi, row, &kv, 0, one);
+            pos += stride;
+        }
     }
     for u in 1..unroll {
         for v in 0..NV {
