@@ -647,14 +647,13 @@ impl<const N: usize> Window<N> {
     }
 
     /// Turns the block sums of positions `0..len` (`n` elements each) into
-    /// block records, merges them and makes the new means the shifts; then
+    /// block records, merges them into the (non-empty) records and makes the new means the shifts; then
     /// clears the sums. Straight loops over the arrays, which the compiler
     /// vectorizes: small tensors have few rows to spread a block end over.
     fn end_block(&mut self, len: usize, n: u64) {
         let inv = 1.0 / n as f64;
         let wb = n as f64 / (self.n + n) as f64;
         let na = self.n;
-        let first = self.n == 0;
         let (s, q, k) = (&mut self.s[..len], &mut self.q[..len], &mut self.k[..len]);
         let (mean, m2) = (&mut self.mean[..len], &mut self.m2[..len]);
         for p in 0..len {
@@ -668,16 +667,12 @@ impl<const N: usize> Window<N> {
                 mean: k[p] as f64 + d,
                 m2: b,
             };
-            let acc = if first {
-                block
-            } else {
-                let a = Acc {
-                    n: na,
-                    mean: mean[p],
-                    m2: m2[p],
-                };
-                a.merge_weighted(block, wb)
+            let a = Acc {
+                n: na,
+                mean: mean[p],
+                m2: m2[p],
             };
+            let acc = a.merge_weighted(block, wb);
             mean[p] = acc.mean;
             m2[p] = acc.m2;
             k[p] = acc.mean as f32;
@@ -695,8 +690,17 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     if span.rows == 0 {
         return;
     }
-    // A position's first element is its first shift.
-    st.k[..span.len].copy_from_slice(&x[span.start..span.start + span.len]);
+    // The first row is the first block, whose sums around the shift (the
+    // row itself) are zero; `v - v` keeps NaN for a NaN or infinite value,
+    // as the sums would.
+    let row = &x[span.start..span.start + span.len];
+    st.k[..span.len].copy_from_slice(row);
+    for ((&v, mean), m2) in row.iter().zip(&mut st.mean).zip(&mut st.m2) {
+        let z = (v - v) as f64;
+        *mean = v as f64 + z;
+        *m2 = z;
+    }
+    st.n = 1;
     let whole = span.len / w;
     let rem = span.len % w;
     // Balanced column groups: none is much shorter than SLOTS vectors.
@@ -707,9 +711,9 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     } else {
         PANEL_ROWS
     };
-    let mut done = 0;
+    let mut done = 1;
     while done < span.rows {
-        let block = (3 * done).clamp(1, BLOCK_ROWS).min(span.rows - done);
+        let block = (3 * done).min(BLOCK_ROWS).min(span.rows - done);
         let mut r = 0;
         while r < block {
             let pr = panel.min(block - r);
