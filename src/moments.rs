@@ -691,12 +691,12 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
         return;
     }
     // The first row is the first block, whose sums around the shift (the
-    // row itself) are zero; `v - v` keeps NaN for a NaN or infinite value,
-    // as the sums would.
+    // row itself) are zero, or NaN for a NaN or infinite value, as the sums
+    // would be.
     let row = &x[span.start..span.start + span.len];
     st.k[..span.len].copy_from_slice(row);
     for ((&v, mean), m2) in row.iter().zip(&mut st.mean).zip(&mut st.m2) {
-        let z = (v - v) as f64;
+        let z = if v.is_finite() { 0.0 } else { f64::NAN };
         *mean = v as f64 + z;
         *m2 = z;
     }
