@@ -432,45 +432,13 @@ impl Weights {
     }
 }
 
-/// With FMA, every other `s` accumulator adds through the FMA unit
-/// (`d * 1 + s`, one rounding, the same value as `s + d`). Cores that run
-/// adds and FMAs on separate pipes (AMD Zen: two of each, 256 bits wide) then
-/// split the three operations per vector between both kinds instead of
-/// putting two on the add pipes; cores whose pipes do both see no change.
-const SPLIT_ADDS: bool = cfg!(target_feature = "fma");
-
-/// A vector of ones the optimizer cannot see through: given a literal 1, it
-/// turns `d * 1 + s` back into an add. Made once per kernel call.
-#[inline(always)]
-fn fma_one<V: Lane>() -> V {
-    V::splat(core::hint::black_box(1.0))
-}
-
 /// The shifted sums of one row: `s += x - k`, `q += (x - k)²`, three
-/// vector operations per vector of input. `slot0` is the index of `s[0]`
-/// among the kernel's accumulators (it picks which adds go through FMA);
-/// `one` is [`fma_one`].
+/// vector operations per vector of input.
 #[inline(always)]
-fn add_row<V: Lane, const NV: usize>(
-    s: &mut [V],
-    q: &mut [V],
-    row: [V; NV],
-    k: &[V; NV],
-    slot0: usize,
-    one: V,
-) {
-    for (i, ((x, kv), (sv, qv))) in row
-        .iter()
-        .zip(k)
-        .zip(s.iter_mut().zip(q.iter_mut()))
-        .enumerate()
-    {
+fn add_row<V: Lane, const NV: usize>(s: &mut [V], q: &mut [V], row: [V; NV], k: &[V; NV]) {
+    for ((x, kv), (sv, qv)) in row.iter().zip(k).zip(s.iter_mut().zip(q.iter_mut())) {
         let d = x.sub(*kv);
-        *sv = if SPLIT_ADDS && (slot0 + i) % 2 == 1 {
-            d.mul_add(one, *sv)
-        } else {
-            sv.add(d)
-        };
+        *sv = sv.add(d);
         *qv = d.mul_add(d, *qv);
     }
 }
@@ -802,7 +770,6 @@ fn panel_n<V: Lane, const NV: usize>(
     let w = V::WIDTH;
     let unroll = (V::SLOTS / NV).max(1);
     let kv: [V; NV] = core::array::from_fn(|v| V::load(&k[v * w..]));
-    let one = fma_one::<V>();
     let mut si = [V::splat(0.0); MAX_SLOTS];
     let mut qi = [V::splat(0.0); MAX_SLOTS];
     if stride == NV * w {
@@ -813,12 +780,12 @@ fn panel_n<V: Lane, const NV: usize>(
         for chunk in &mut chunks {
             for u in 0..unroll {
                 let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
-                add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv, u * NV, one);
+                add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
             }
         }
         for seg in chunks.remainder().chunks_exact(NV * w) {
             let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
-            add_row(&mut si, &mut qi, row, &kv, 0, one);
+            add_row(&mut si, &mut qi, row, &kv);
         }
     } else {
         let mut pos = base;
@@ -826,14 +793,14 @@ fn panel_n<V: Lane, const NV: usize>(
             for u in 0..unroll {
                 let seg = &x[pos + u * stride..pos + u * stride + NV * w];
                 let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
-                add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv, u * NV, one);
+                add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
             }
             pos += unroll * stride;
         }
         for _ in 0..rows % unroll {
             let seg = &x[pos..pos + NV * w];
             let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
-            add_row(&mut si, &mut qi, row, &kv, 0, one);
+            add_row(&mut si, &mut qi, row, &kv);
             pos += stride;
         }
     }
@@ -904,7 +871,6 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
         return run_sums::<V::Half>(run, k);
     }
     let kv = [V::splat(k); MAX_SLOTS];
-    let one = fma_one::<V>();
     let mut s = [V::splat(0.0); MAX_SLOTS];
     let mut q = [V::splat(0.0); MAX_SLOTS];
     let step = V::SLOTS * w;
@@ -917,7 +883,7 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
                 kv[0]
             }
         });
-        add_row(&mut s, &mut q, row, &kv, 0, one);
+        add_row(&mut s, &mut q, row, &kv);
     }
     let rest = chunks.remainder();
     let mut vectors = rest.chunks_exact(w);
