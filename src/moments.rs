@@ -690,16 +690,17 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
             for gi in 0..groups {
                 let nv = size + usize::from(gi < longer);
                 let (o, e) = (v0 * w, (v0 + nv) * w);
-                panel_nv::<V>(
-                    nv,
-                    x,
-                    row0 + o,
-                    pr,
-                    span.stride,
-                    &mut st.s[o..e],
-                    &mut st.q[o..e],
-                    &st.k[o..e],
-                );
+                let tile = Tile {
+                    base: row0 + o,
+                    rows: pr,
+                    stride: span.stride,
+                };
+                let sums = Sums {
+                    s: &mut st.s[o..e],
+                    q: &mut st.q[o..e],
+                    k: &st.k[o..e],
+                };
+                panel_nv::<V>(nv, x, tile, sums);
                 v0 += nv;
             }
             if rem != 0 {
@@ -707,16 +708,17 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
                 // lanes are counted by the vector before.
                 let o = span.len - w;
                 let (mut s, mut q) = ([0.0f32; 16], [0.0f32; 16]);
-                panel_nv::<V>(
-                    1,
-                    x,
-                    row0 + o,
-                    pr,
-                    span.stride,
-                    &mut s[..w],
-                    &mut q[..w],
-                    &st.k[o..o + w],
-                );
+                let tile = Tile {
+                    base: row0 + o,
+                    rows: pr,
+                    stride: span.stride,
+                };
+                let sums = Sums {
+                    s: &mut s[..w],
+                    q: &mut q[..w],
+                    k: &st.k[o..o + w],
+                };
+                panel_nv::<V>(1, x, tile, sums);
                 for j in w - rem..w {
                     st.s[o + j] += s[j];
                     st.q[o + j] += q[j];
@@ -729,44 +731,44 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     }
 }
 
-/// [`panel_n`] for `nv` (1 to 8) vectors.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn panel_nv<V: Lane>(
-    nv: usize,
-    x: &[f32],
+/// Rows of one panel: `rows` rows `stride` apart, the group's first vector
+/// at `base`.
+#[derive(Clone, Copy)]
+struct Tile {
     base: usize,
     rows: usize,
     stride: usize,
-    s: &mut [f32],
-    q: &mut [f32],
-    k: &[f32],
-) {
+}
+
+/// A column group's block sums and shifts (one `f32` per lane).
+struct Sums<'a> {
+    s: &'a mut [f32],
+    q: &'a mut [f32],
+    k: &'a [f32],
+}
+
+/// [`panel_n`] for `nv` (1 to 8) vectors.
+#[inline(always)]
+fn panel_nv<V: Lane>(nv: usize, x: &[f32], tile: Tile, sums: Sums<'_>) {
     match nv {
-        1 => panel_n::<V, 1>(x, base, rows, stride, s, q, k),
-        2 => panel_n::<V, 2>(x, base, rows, stride, s, q, k),
-        3 => panel_n::<V, 3>(x, base, rows, stride, s, q, k),
-        4 => panel_n::<V, 4>(x, base, rows, stride, s, q, k),
-        5 => panel_n::<V, 5>(x, base, rows, stride, s, q, k),
-        6 => panel_n::<V, 6>(x, base, rows, stride, s, q, k),
-        7 => panel_n::<V, 7>(x, base, rows, stride, s, q, k),
-        _ => panel_n::<V, 8>(x, base, rows, stride, s, q, k),
+        1 => panel_n::<V, 1>(x, tile, sums),
+        2 => panel_n::<V, 2>(x, tile, sums),
+        3 => panel_n::<V, 3>(x, tile, sums),
+        4 => panel_n::<V, 4>(x, tile, sums),
+        5 => panel_n::<V, 5>(x, tile, sums),
+        6 => panel_n::<V, 6>(x, tile, sums),
+        7 => panel_n::<V, 7>(x, tile, sums),
+        _ => panel_n::<V, 8>(x, tile, sums),
     }
 }
 
-/// `NV` back-to-back vectors at `base` of `rows` rows `stride` apart, summed
-/// around the shifts `k` in registers (short groups unrolled over rows) and
-/// added to the block sums `s` and `q`.
+/// `NV` back-to-back vectors of each row of `tile`, summed around the shifts
+/// in registers (short groups unrolled over rows) and added to the block
+/// sums.
 #[inline(always)]
-fn panel_n<V: Lane, const NV: usize>(
-    x: &[f32],
-    base: usize,
-    rows: usize,
-    stride: usize,
-    s: &mut [f32],
-    q: &mut [f32],
-    k: &[f32],
-) {
+fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
+    let Tile { base, rows, stride } = tile;
+    let Sums { s, q, k } = sums;
     let w = V::WIDTH;
     let unroll = (V::SLOTS / NV).max(1);
     let kv: [V; NV] = core::array::from_fn(|v| V::load(&k[v * w..]));
