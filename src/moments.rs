@@ -51,9 +51,8 @@
 //! `f32` block sums and a shift (12 bytes) and an `f64` mean and `m2` (16
 //! bytes), for 160 positions (4.4 KiB) when `lcm(P, lanes) <= 128` (C = 1,
 //! 2, 3, 4, 7, 8, 16, 32, 64 and 128 on every width, for example), else for
-//! 1056 positions (29 KiB).
-//! Only one of them is live at a time. Nothing depends on the tensor's size.
-//! No heap.
+//! 1056 positions (29 KiB). Only one of them is live at a time. Nothing
+//! depends on the tensor's size. No heap.
 //!
 //! # Domain
 //!
@@ -74,7 +73,7 @@ pub const BLOCK_ROWS: usize = 2048;
 /// Elements of a channel's first block on the contiguous-run (NCHW) path.
 /// Blocks then grow fourfold up to [`RUN_PIECE`]: the first block's shift is
 /// the first element, which may be an outlier, so it is kept short, and each
-/// later shift is the mean of everything before. (Row sweeps start at one
+/// later shift is the mean of everything before. (Panel walks start at one
 /// row and grow fourfold; tests/moments_sweep.rs `outlier_first_element`
 /// pins both.)
 const WARM_UP: usize = 16;
@@ -84,7 +83,8 @@ const WARM_UP: usize = 16;
 /// add rounds the same way.
 const INNER_ROWS: usize = 256;
 
-/// Largest number of channels one column group holds records for.
+/// Channels whose NCHW runs are walked together, batch element by batch
+/// element (their records and block sums are on the stack).
 pub const GROUP_CHANNELS: usize = 128;
 
 /// Largest `SLOTS` of any lane type.
@@ -344,7 +344,7 @@ impl Group {
         }
     }
 
-    /// Forgets channels `0..channels` (the only ones a sweep touched).
+    /// Forgets channels `0..channels` (the only ones a window touched).
     fn clear(&mut self, channels: usize) {
         for c in 0..channels {
             self.acc[c] = Acc::default();
