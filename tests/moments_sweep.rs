@@ -164,3 +164,36 @@ fn ten_million_elements_per_channel() {
         check(simd, &x, shape);
     }
 }
+
+#[test]
+fn non_finite_values_poison_only_their_channel() {
+    // The first row of a panel walk is its first block, set without the
+    // kernels: NaN and infinities there must poison their channel exactly as
+    // they do in later rows (and in one-row tensors, where nothing follows).
+    let mut rng = Rng::new(5);
+    for simd in Simd::ALL {
+        for rows in [1, 2, 7, 40] {
+            for c in [3, 16, 17, 300, 1500] {
+                for row in [0, rows - 1] {
+                    let shape = Shape::nhwc(rows, 1, c);
+                    let mut x = channel_data(&mut rng, shape, &[0.0, 1e3], &[1.0, 2.0]);
+                    x[reference::index(shape, row, 0, 0)] = f32::NAN;
+                    x[reference::index(shape, row, 0, 1)] = f32::INFINITY;
+                    x[reference::index(shape, row, 0, c - 1)] = f32::NEG_INFINITY;
+                    check(simd, &x, shape);
+                    let mut var = vec![0.0; c];
+                    let mut mean = vec![0.0; c];
+                    simd.moments(&x, shape, &mut mean, &mut var).unwrap();
+                    for ch in 0..c {
+                        let bad = ch == 0 || ch == 1 || ch == c - 1;
+                        assert_eq!(
+                            var[ch].is_nan(),
+                            bad,
+                            "{simd:?} {shape:?} row {row} ch {ch}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
