@@ -127,6 +127,22 @@ impl Acc {
         }
     }
 
+    /// The record of a block of `n` elements from its sums around `shift`,
+    /// `s1 = Σ(x - shift)` and `s2 = Σ(x - shift)²`; `inv` is `1 / n`.
+    #[inline(always)]
+    fn from_shifted(n: u64, inv: f64, shift: f32, s1: f64, s2: f64) -> Acc {
+        let d = s1 * inv;
+        let m2 = s2 - s1 * d;
+        // Rounding can leave a hair below zero for a constant channel; `<`
+        // keeps a NaN.
+        let m2 = if m2 < 0.0 { 0.0 } else { m2 };
+        Acc {
+            n,
+            mean: shift as f64 + d,
+            m2,
+        }
+    }
+
     /// Population variance `m2 / n` (callers ensure `n > 0`).
     #[inline]
     pub(crate) fn variance(self, kind: Variance) -> f64 {
@@ -323,8 +339,8 @@ fn dispatch<V: Lane>(x: &[f32], shape: Shape, emit: &mut impl FnMut(usize, Acc))
     }
 }
 
-/// Per-channel state of one column group: records, shifts and the `f64`
-/// sums of the current block, for channels `base .. base + GROUP_CHANNELS`.
+/// Per-channel state of one window of NCHW runs: records, shifts and the
+/// `f64` sums of the current block, for channels `c0 .. c0 + GROUP_CHANNELS`.
 struct Group {
     acc: [Acc; GROUP_CHANNELS],
     shift: [f32; GROUP_CHANNELS],
@@ -379,17 +395,7 @@ impl Group {
         if n == 0 {
             return;
         }
-        let (s1, s2) = (self.s1[c], self.s2[c]);
-        let d = s1 * w.recip(n);
-        let m2 = s2 - s1 * d;
-        // Rounding can leave a hair below zero for a constant channel; `<`
-        // keeps a NaN.
-        let m2 = if m2 < 0.0 { 0.0 } else { m2 };
-        let block = Acc {
-            n,
-            mean: self.shift[c] as f64 + d,
-            m2,
-        };
+        let block = Acc::from_shifted(n, w.recip(n), self.shift[c], self.s1[c], self.s2[c]);
         let a = self.acc[c];
         self.acc[c] = if a.n == 0 {
             block
@@ -615,9 +621,10 @@ impl<const N: usize> Window<N> {
     }
 
     /// Turns the block sums of positions `0..len` (`n` elements each) into
-    /// block records, merges them into the (non-empty) records and makes the new means the shifts; then
-    /// clears the sums. Straight loops over the arrays, which the compiler
-    /// vectorizes: small tensors have few rows to spread a block end over.
+    /// block records, merges them into the (non-empty) records, makes the
+    /// new means the shifts and clears the sums. Straight loops over the
+    /// arrays, which the compiler vectorizes: small tensors have few rows to
+    /// spread a block end over.
     fn end_block(&mut self, len: usize, n: u64) {
         let inv = 1.0 / n as f64;
         let wb = n as f64 / (self.n + n) as f64;
@@ -625,16 +632,7 @@ impl<const N: usize> Window<N> {
         let (s, q, k) = (&mut self.s[..len], &mut self.q[..len], &mut self.k[..len]);
         let (mean, m2) = (&mut self.mean[..len], &mut self.m2[..len]);
         for p in 0..len {
-            let (s1, s2) = (s[p] as f64, q[p] as f64);
-            let d = s1 * inv;
-            let b = s2 - s1 * d;
-            // `<` keeps a NaN; a hair below zero is rounding.
-            let b = if b < 0.0 { 0.0 } else { b };
-            let block = Acc {
-                n,
-                mean: k[p] as f64 + d,
-                m2: b,
-            };
+            let block = Acc::from_shifted(n, inv, k[p], s[p] as f64, q[p] as f64);
             let a = Acc {
                 n: na,
                 mean: mean[p],
@@ -686,21 +684,22 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
         while r < block {
             let pr = panel.min(block - r);
             let row0 = span.start + (done + r) * span.stride;
+            // The panel's rows from column `o` of the window on.
+            let tile = |o: usize| Tile {
+                base: row0 + o,
+                rows: pr,
+                stride: span.stride,
+            };
             let mut v0 = 0;
             for gi in 0..groups {
                 let nv = size + usize::from(gi < longer);
                 let (o, e) = (v0 * w, (v0 + nv) * w);
-                let tile = Tile {
-                    base: row0 + o,
-                    rows: pr,
-                    stride: span.stride,
-                };
                 let sums = Sums {
                     s: &mut st.s[o..e],
                     q: &mut st.q[o..e],
                     k: &st.k[o..e],
                 };
-                panel_nv::<V>(nv, x, tile, sums);
+                panel_nv::<V>(nv, x, tile(o), sums);
                 v0 += nv;
             }
             if rem != 0 {
@@ -708,17 +707,12 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
                 // lanes are counted by the vector before.
                 let o = span.len - w;
                 let (mut s, mut q) = ([0.0f32; 16], [0.0f32; 16]);
-                let tile = Tile {
-                    base: row0 + o,
-                    rows: pr,
-                    stride: span.stride,
-                };
                 let sums = Sums {
                     s: &mut s[..w],
                     q: &mut q[..w],
                     k: &st.k[o..o + w],
                 };
-                panel_nv::<V>(1, x, tile, sums);
+                panel_nv::<V>(1, x, tile(o), sums);
                 for j in w - rem..w {
                     st.s[o + j] += s[j];
                     st.q[o + j] += q[j];
