@@ -70,12 +70,12 @@ use crate::Variance;
 /// per-block `f64` merge costs under 2% of the block's vector work.
 pub const BLOCK_ROWS: usize = 2048;
 
-/// Elements of a channel's first block on the contiguous-run (NCHW) path.
-/// Blocks then grow fourfold up to [`RUN_PIECE`]: the first block's shift is
-/// the first element, which may be an outlier, so it is kept short, and each
-/// later shift is the mean of everything before. (Panel walks start at one
-/// row and grow fourfold; tests/moments_sweep.rs `outlier_first_element`
-/// pins both.)
+/// Smallest block on the contiguous-run (NCHW) path after a channel's first.
+/// A channel's first block is its first piece, shifted by that piece's own
+/// mean; later blocks are shifted by the mean of everything before and grow
+/// threefold of what was seen (at least this, at most [`RUN_PIECE`]), so an
+/// outlier early in the channel moves the shift of only a few elements far
+/// (tests/moments_sweep.rs `outlier_first_element` pins it).
 const WARM_UP: usize = 16;
 
 /// Rows a lane sums in registers before the sum joins the block's: bounds
@@ -376,17 +376,11 @@ impl Group {
         self.n[c] += len as u64;
     }
 
-    /// Ends the block of one channel.
-    fn end_one(&mut self, c: usize) {
-        self.end_channel(c, &mut Weights::default());
-    }
-
     /// Turns the block sums of each touched channel into a block record and
     /// merges it; the channel's new mean becomes its shift.
-    fn end_block(&mut self, channels: usize) {
-        let mut w = Weights::default();
+    fn end_block(&mut self, channels: usize, w: &mut Weights) {
         for c in 0..channels {
-            self.end_channel(c, &mut w);
+            self.end_channel(c, w);
         }
     }
 
@@ -673,7 +667,9 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     let groups = whole.div_ceil(V::SLOTS);
     let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
     let panel = if groups == 1 && rem == 0 {
-        INNER_ROWS
+        // Short groups unroll over rows: each lane still sums at most
+        // INNER_ROWS of them.
+        INNER_ROWS * (V::SLOTS / whole).max(1)
     } else {
         PANEL_ROWS
     };
@@ -822,6 +818,9 @@ const RUN_PIECE: usize = 16 * 1024;
 /// elements reduced by [`run_sums`] around its channel's shift.
 fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(usize, Acc)) {
     let mut g = Group::new();
+    let mut w = Weights::default();
+    // At most INNER_ROWS terms per lane in one f32 sum.
+    let cap = (INNER_ROWS * V::SLOTS * V::WIDTH).min(RUN_PIECE);
     let mut c0 = 0;
     while c0 < c {
         let cw = (c - c0).min(GROUP_CHANNELS);
@@ -830,26 +829,29 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(
                 let start = (i * c + c0 + ch) * s;
                 let mut run = &x[start..start + s];
                 while !run.is_empty() {
-                    let seen = g.acc[ch].n as usize;
-                    if seen == 0 && g.n[ch] == 0 {
-                        g.shift[ch] = run[0];
-                    }
-                    // A channel's first blocks are short because their
-                    // shift is still poor: 16 elements, then fourfold.
-                    let target = (3 * seen).clamp(WARM_UP, RUN_PIECE);
-                    // At most INNER_ROWS terms per lane in one f32 sum.
-                    let cap = INNER_ROWS * V::SLOTS * V::WIDTH;
-                    let len = (target - g.n[ch] as usize).min(run.len()).min(cap);
+                    let (seen, open) = (g.acc[ch].n as usize, g.n[ch] as usize);
+                    let (len, target) = if seen == 0 && open == 0 {
+                        // First block: one piece around its own mean, read
+                        // twice while it is in L1 rather than started on
+                        // the first element and warmed up over several
+                        // short blocks.
+                        let len = run.len().min(cap);
+                        g.shift[ch] = first_shift::<V>(&run[..len]);
+                        (len, len)
+                    } else {
+                        let target = (3 * seen).clamp(WARM_UP, RUN_PIECE);
+                        ((target - open).min(run.len()).min(cap), target)
+                    };
                     let (piece, rest) = run.split_at(len);
-                    g.add_sums(ch, run_sums::<V>(piece, g.shift[ch]), len);
+                    g.add_sums(ch, run_sums::<V, true>(piece, g.shift[ch]), len);
                     if g.n[ch] as usize >= target {
-                        g.end_one(ch);
+                        g.end_channel(ch, &mut w);
                     }
                     run = rest;
                 }
             }
         }
-        g.end_block(cw);
+        g.end_block(cw, &mut w);
         for ch in 0..cw {
             emit(c0 + ch, g.acc[ch]);
         }
@@ -858,35 +860,49 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(
     }
 }
 
-/// `(Σ(x - k), Σ(x - k)²)` of a contiguous run: `SLOTS` independent vector
-/// accumulators, then the tail through half-width lanes down to one.
+/// The shift of a channel's first block: the mean of its first piece, or
+/// the first element where that sum overflows (values near `f32::MAX`) or
+/// meets a NaN (which poisons the channel anyway).
+fn first_shift<V: Lane>(piece: &[f32]) -> f32 {
+    let mean = (run_sums::<V, false>(piece, 0.0).0 / piece.len() as f64) as f32;
+    if mean.is_finite() {
+        mean
+    } else {
+        piece[0]
+    }
+}
+
+/// `(Σ(x - k), Σ(x - k)²)` of a contiguous run, or `(Σx, 0)` without
+/// `SQUARES`: `SLOTS` independent vector accumulators, then the tail through
+/// half-width lanes down to one.
 #[inline(always)]
-fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
+fn run_sums<V: Lane, const SQUARES: bool>(run: &[f32], k: f32) -> (f64, f64) {
     let w = V::WIDTH;
     if w > 1 && run.len() < w {
-        return run_sums::<V::Half>(run, k);
+        return run_sums::<V::Half, SQUARES>(run, k);
     }
-    let kv = [V::splat(k); MAX_SLOTS];
+    let kv = V::splat(k);
     let mut s = [V::splat(0.0); MAX_SLOTS];
     let mut q = [V::splat(0.0); MAX_SLOTS];
+    let mut add = |i: usize, x: V| {
+        if SQUARES {
+            let d = x.sub(kv);
+            s[i] = s[i].add(d);
+            q[i] = d.mul_add(d, q[i]);
+        } else {
+            s[i] = s[i].add(x);
+        }
+    };
     let step = V::SLOTS * w;
     let mut chunks = run.chunks_exact(step);
     for chunk in &mut chunks {
-        let row: [V; MAX_SLOTS] = core::array::from_fn(|i| {
-            if i < V::SLOTS {
-                V::load(&chunk[i * w..])
-            } else {
-                kv[0]
-            }
-        });
-        add_row(&mut s, &mut q, row, &kv);
+        for i in 0..V::SLOTS {
+            add(i, V::load(&chunk[i * w..]));
+        }
     }
-    let rest = chunks.remainder();
-    let mut vectors = rest.chunks_exact(w);
+    let mut vectors = chunks.remainder().chunks_exact(w);
     for (i, v) in (&mut vectors).enumerate() {
-        let d = V::load(v).sub(kv[0]);
-        s[i] = s[i].add(d);
-        q[i] = d.mul_add(d, q[i]);
+        add(i, V::load(v));
     }
     for i in 1..V::SLOTS {
         s[0] = s[0].add(s[i]);
@@ -894,10 +910,13 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
     }
     // Each lane holds at most RUN_PIECE / (SLOTS * w) terms; a pairwise
     // f32 reduction of the lanes adds log2(w) roundings.
-    let mut sums = (s[0].reduce_add() as f64, q[0].reduce_add() as f64);
+    let mut sums = (s[0].reduce_add() as f64, 0.0);
+    if SQUARES {
+        sums.1 = q[0].reduce_add() as f64;
+    }
     let tail = vectors.remainder();
     if w > 1 && !tail.is_empty() {
-        let t = run_sums::<V::Half>(tail, k);
+        let t = run_sums::<V::Half, SQUARES>(tail, k);
         sums.0 += t.0;
         sums.1 += t.1;
     }

@@ -119,6 +119,10 @@ fn outlier_first_element() {
             Shape::nhwc(700, 3, 300),
             Shape::nhwc(400, 1, 1500),
             Shape::nchw(300, 700, 3),
+            // Runs: the first block is the first run, shifted by its own
+            // mean; short runs make the next blocks span several of them.
+            Shape::nchw(2000, 3, 17),
+            Shape::nchw(30, 5, 700),
         ] {
             let mut x = channel_data(&mut rng, shape, &[0.0, 5.0], &[1.0, 0.5]);
             for c in 0..shape.channels {
@@ -189,6 +193,69 @@ fn non_finite_values_poison_only_their_channel() {
                         assert_eq!(v.is_nan(), bad, "{simd:?} {shape:?} row {row} ch {ch}");
                     }
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn non_finite_values_poison_only_their_channel_in_runs() {
+    // NCHW runs shift a channel's first block by the mean of its first
+    // piece, which a NaN or infinity makes non-finite: the channel must
+    // still come out NaN, and its neighbours untouched. 5000 elements are
+    // more than one first piece on every width.
+    let mut rng = Rng::new(6);
+    for simd in Simd::ALL {
+        for shape in [
+            Shape::nchw(1, 3, 17),
+            Shape::nchw(3, 5, 40),
+            Shape::nchw(2, 4, 5000),
+        ] {
+            let (n, c, s) = (shape.batch, shape.channels, shape.spatial);
+            let mut x = channel_data(&mut rng, shape, &[0.0, 1e3], &[1.0, 2.0]);
+            x[reference::index(shape, 0, 0, 0)] = f32::NAN;
+            x[reference::index(shape, 0, s - 1, 1)] = f32::INFINITY;
+            x[reference::index(shape, n - 1, s / 2, c - 1)] = f32::NEG_INFINITY;
+            check(simd, &x, shape);
+            let mut mean = vec![0.0; c];
+            let mut var = vec![0.0; c];
+            simd.moments(&x, shape, &mut mean, &mut var).unwrap();
+            for (ch, v) in var.iter().enumerate() {
+                let bad = ch == 0 || ch == 1 || ch == c - 1;
+                assert_eq!(v.is_nan(), bad, "{simd:?} {shape:?} ch {ch}");
+            }
+        }
+    }
+}
+
+#[test]
+fn constant_channels_near_f32_max_are_exact() {
+    // Outside the §3 domain (|x| <= 1e17), but a constant channel is still
+    // exact: the NCHW first-block shift, a mean computed from an `f32` sum
+    // that overflows here, falls back to the first element.
+    for simd in Simd::ALL {
+        for shape in [
+            Shape::nchw(1, 3, 17),
+            Shape::nchw(2, 2, 5000),
+            Shape::nhwc(40, 1, 3),
+            Shape::nhwc(3, 1, 1500),
+        ] {
+            let c = shape.channels;
+            let value = |ch: usize| [3e38, -f32::MAX, 1.5][ch % 3];
+            let mut x = vec![0.0; shape.len().unwrap()];
+            for i in 0..shape.batch {
+                for p in 0..shape.spatial {
+                    for ch in 0..c {
+                        x[reference::index(shape, i, p, ch)] = value(ch);
+                    }
+                }
+            }
+            let mut mean = vec![0.0; c];
+            let mut var = vec![f32::NAN; c];
+            simd.moments(&x, shape, &mut mean, &mut var).unwrap();
+            for ch in 0..c {
+                assert_eq!(mean[ch], value(ch), "{simd:?} {shape:?} ch {ch}");
+                assert_eq!(var[ch], 0.0, "{simd:?} {shape:?} ch {ch}");
             }
         }
     }
