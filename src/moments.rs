@@ -13,9 +13,11 @@
 //! a running `f64` record with [`merge`](Acc::merge) (Chan et al., 1979).
 //! The shift for the next block is the running mean, so `x - K` stays of the
 //! order of the standard deviation and the shifted sums do not cancel,
-//! however large the common offset (`1e6 + N(0, 1)` included). Blocks start
-//! at one row and grow fourfold up to [`BLOCK_ROWS`], so even an outlier in
-//! the first element does not leave a poor shift in place for long.
+//! however large the common offset (`1e6 + N(0, 1)` included). Panel walks
+//! start with a block of one row and grow fourfold up to [`BLOCK_ROWS`], so
+//! even an outlier in the first element does not leave a poor shift in place
+//! for long; NCHW runs start with a block shifted by its own mean (see
+//! [`WARM_UP`]).
 //!
 //! # Layouts
 //!
@@ -38,7 +40,10 @@
 //! * NCHW with at least one vector of spatial positions is a set of
 //!   contiguous runs: windows of up to [`GROUP_CHANNELS`] channels are walked
 //!   batch element by batch element (memory order), each run reduced by a
-//!   short loop with `SLOTS` accumulators into its channel's block sums.
+//!   short loop with `SLOTS` accumulators into its channel's block sums. A
+//!   channel's first piece (its first run, or the first 16 Ki elements of a
+//!   longer one) is read twice while it is in L1: once for its mean, the
+//!   first block's shift, then for the shifted sums.
 //!
 //! Short column groups unroll over several rows, so a kernel always has
 //! `SLOTS` independent dependency chains.
@@ -485,10 +490,12 @@ const WINDOW_SLACK: usize = 32;
 /// operation in sixteen) and the next group takes its columns of the same
 /// rows. Longer panels read memory in a longer stride pattern, which
 /// measured slower at L3 and DRAM sizes on the machine of README
-/// §Performance. A row that fits one group is read in order anyway and
-/// takes [`INNER_ROWS`] rows per panel. Either way no `f32` sum takes more
-/// than a few hundred terms: at most 256 rows in a register, then at most
-/// `BLOCK_ROWS / 16` = 128 panel sums in a block sum.
+/// §Performance. A row that fits one group is read in order anyway; its
+/// panels are as long as its register slots allow with [`INNER_ROWS`] rows
+/// per lane (256 rows times the rows unrolled at once), since a short panel
+/// costs the same fixed work for less input. Either way no `f32` sum takes
+/// more than a few hundred terms: at most 256 rows in a register, then at
+/// most `BLOCK_ROWS / 16` = 128 panel sums in a block sum.
 const PANEL_ROWS: usize = 16;
 
 /// State of one panel walk over `N` positions: per position the block's
