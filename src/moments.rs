@@ -41,9 +41,9 @@
 //!   contiguous runs: windows of up to [`GROUP_CHANNELS`] channels are walked
 //!   batch element by batch element (memory order), each run reduced by a
 //!   short loop with `SLOTS` accumulators into its channel's block sums. A
-//!   channel's first piece (its first run, or the first 16 Ki elements of a
-//!   longer one) is read twice while it is in L1: once for its mean, the
-//!   first block's shift, then for the shifted sums.
+//!   channel's first block is its first piece (its first run, or the first
+//!   16 Ki elements of a longer one), shifted by its first element, or by its
+//!   mean when that element is an outlier ([`first_block`]).
 //!
 //! Short column groups unroll over several rows, so a kernel always has
 //! `SLOTS` independent dependency chains.
@@ -76,8 +76,8 @@ use crate::Variance;
 pub const BLOCK_ROWS: usize = 2048;
 
 /// Smallest block on the contiguous-run (NCHW) path after a channel's first.
-/// A channel's first block is its first piece, shifted by that piece's own
-/// mean; later blocks are shifted by the mean of everything before and grow
+/// A channel's first block is its first piece, shifted by its first
+/// element unless that is an outlier ([`first_block`]); later blocks are shifted by the mean of everything before and grow
 /// threefold of what was seen (at least this, at most [`RUN_PIECE`]), so an
 /// outlier early in the channel moves the shift of only a few elements far
 /// (tests/moments_sweep.rs `outlier_first_element` pins it).
@@ -837,20 +837,20 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(
                 let mut run = &x[start..start + s];
                 while !run.is_empty() {
                     let (seen, open) = (g.acc[ch].n as usize, g.n[ch] as usize);
-                    let (len, target) = if seen == 0 && open == 0 {
-                        // First block: one piece around its own mean, read
-                        // twice while it is in L1 rather than started on
-                        // the first element and warmed up over several
-                        // short blocks.
+                    if seen == 0 && open == 0 {
                         let len = run.len().min(cap);
-                        g.shift[ch] = first_shift::<V>(&run[..len]);
-                        (len, len)
-                    } else {
-                        let target = (3 * seen).clamp(WARM_UP, RUN_PIECE);
-                        ((target - open).min(run.len()).min(cap), target)
-                    };
+                        let (piece, rest) = run.split_at(len);
+                        let (k, sums) = first_block::<V>(piece);
+                        g.shift[ch] = k;
+                        g.add_sums(ch, sums, len);
+                        g.end_channel(ch, &mut w);
+                        run = rest;
+                        continue;
+                    }
+                    let target = (3 * seen).clamp(WARM_UP, RUN_PIECE);
+                    let len = (target - open).min(run.len()).min(cap);
                     let (piece, rest) = run.split_at(len);
-                    g.add_sums(ch, run_sums::<V, true>(piece, g.shift[ch]), len);
+                    g.add_sums(ch, run_sums::<V>(piece, g.shift[ch]), len);
                     if g.n[ch] as usize >= target {
                         g.end_channel(ch, &mut w);
                     }
@@ -867,38 +867,43 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(
     }
 }
 
-/// The shift of a channel's first block: the mean of its first piece, or
-/// the first element where that sum overflows (values near `f32::MAX`) or
-/// meets a NaN (which poisons the channel anyway).
-fn first_shift<V: Lane>(piece: &[f32]) -> f32 {
-    let mean = (run_sums::<V, false>(piece, 0.0).0 / piece.len() as f64) as f32;
-    if mean.is_finite() {
-        mean
-    } else {
-        piece[0]
+/// A channel's first block, one piece: its shift and shifted sums.
+///
+/// The shift is the first element, which keeps a constant channel exact
+/// (every `x - k` is 0). When that element is far from the piece's mean
+/// (`Σ(x - k)² > 16 m2`, more than about four standard deviations, as an
+/// outlier is), the sums would cancel, so the piece, still in L1, is summed
+/// again around its mean.
+fn first_block<V: Lane>(piece: &[f32]) -> (f32, (f64, f64)) {
+    let k = piece[0];
+    let sums = run_sums::<V>(piece, k);
+    let d = sums.0 / piece.len() as f64;
+    let m2 = sums.1 - sums.0 * d;
+    // False for NaN: a poisoned channel stays as it is.
+    if sums.1 > 16.0 * m2 {
+        let mean = (k as f64 + d) as f32;
+        if mean.is_finite() {
+            return (mean, run_sums::<V>(piece, mean));
+        }
     }
+    (k, sums)
 }
 
-/// `(Σ(x - k), Σ(x - k)²)` of a contiguous run, or `(Σx, 0)` without
-/// `SQUARES`: `SLOTS` independent vector accumulators, then the tail through
-/// half-width lanes down to one.
+/// `(Σ(x - k), Σ(x - k)²)` of a contiguous run: `SLOTS` independent vector
+/// accumulators, then the tail through half-width lanes down to one.
 #[inline(always)]
-fn run_sums<V: Lane, const SQUARES: bool>(run: &[f32], k: f32) -> (f64, f64) {
+fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
     let w = V::WIDTH;
     if w > 1 && run.len() < w {
-        return run_sums::<V::Half, SQUARES>(run, k);
+        return run_sums::<V::Half>(run, k);
     }
     let kv = V::splat(k);
     let mut s = [V::splat(0.0); MAX_SLOTS];
     let mut q = [V::splat(0.0); MAX_SLOTS];
     let mut add = |i: usize, x: V| {
-        if SQUARES {
-            let d = x.sub(kv);
-            s[i] = s[i].add(d);
-            q[i] = d.mul_add(d, q[i]);
-        } else {
-            s[i] = s[i].add(x);
-        }
+        let d = x.sub(kv);
+        s[i] = s[i].add(d);
+        q[i] = d.mul_add(d, q[i]);
     };
     let step = V::SLOTS * w;
     let mut chunks = run.chunks_exact(step);
@@ -917,13 +922,10 @@ fn run_sums<V: Lane, const SQUARES: bool>(run: &[f32], k: f32) -> (f64, f64) {
     }
     // Each lane holds at most RUN_PIECE / (SLOTS * w) terms; a pairwise
     // f32 reduction of the lanes adds log2(w) roundings.
-    let mut sums = (s[0].reduce_add() as f64, 0.0);
-    if SQUARES {
-        sums.1 = q[0].reduce_add() as f64;
-    }
+    let mut sums = (s[0].reduce_add() as f64, q[0].reduce_add() as f64);
     let tail = vectors.remainder();
     if w > 1 && !tail.is_empty() {
-        let t = run_sums::<V::Half, SQUARES>(tail, k);
+        let t = run_sums::<V::Half>(tail, k);
         sums.0 += t.0;
         sums.1 += t.1;
     }

@@ -229,19 +229,27 @@ fn non_finite_values_poison_only_their_channel_in_runs() {
 }
 
 #[test]
-fn constant_channels_near_f32_max_are_exact() {
-    // Outside the §3 domain (|x| <= 1e17), but a constant channel is still
-    // exact: the NCHW first-block shift, a mean computed from an `f32` sum
-    // that overflows here, falls back to the first element.
+fn constant_channels_are_exact() {
+    // A constant channel has variance exactly 0 and its value as mean, on
+    // every path: panel walks (narrow rows, windows), NCHW with fewer
+    // positions than lanes, and NCHW runs (one run per channel, several,
+    // longer than a first piece). The values use their whole mantissa, so
+    // any shift other than the value itself leaves rounding behind; the
+    // two near f32::MAX overflow any sum of them.
     for simd in Simd::ALL {
         for shape in [
-            Shape::nchw(1, 3, 17),
-            Shape::nchw(2, 2, 5000),
             Shape::nhwc(40, 1, 3),
             Shape::nhwc(3, 1, 1500),
+            Shape::nhwc(300, 1, 17),
+            Shape::nchw(5, 7, 3),
+            Shape::nchw(1, 3, 17),
+            Shape::nchw(2, 129, 49),
+            Shape::nchw(3, 5, 100),
+            Shape::nchw(2, 2, 20000),
         ] {
             let c = shape.channels;
-            let value = |ch: usize| [3e38, -f32::MAX, 1.5][ch % 3];
+            let values = [0.1, -97.381_23, 1.234_567_9e17, 3e38, -f32::MAX, 7.0e-39];
+            let value = |ch: usize| values[ch % values.len()];
             let mut x = vec![0.0; shape.len().unwrap()];
             for i in 0..shape.batch {
                 for p in 0..shape.spatial {
