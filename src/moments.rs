@@ -442,8 +442,12 @@ impl Weights {
 #[inline(always)]
 fn add_row<V: Lane, const NV: usize>(s: &mut [V], q: &mut [V], row: [V; NV], k: &[V; NV]) {
     for ((x, kv), (sv, qv)) in row.iter().zip(k).zip(s.iter_mut().zip(q.iter_mut())) {
-        let d = x.sub(*kv);
-        *sv = sv.add(d);
+        // `k - x`, not `x - k`: `x` is then the operand an x86 subtraction
+        // may take straight from memory, so a group of eight vectors keeps
+        // its shifts in registers instead of reloading them every row.
+        // Negation is exact, so `s` and `q` are bit-identical.
+        let d = kv.sub(*x);
+        *sv = sv.sub(d);
         *qv = d.mul_add(d, *qv);
     }
 }
@@ -870,17 +874,20 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(
 /// A channel's first block, one piece: its shift and shifted sums.
 ///
 /// The shift is the first element, which keeps a constant channel exact
-/// (every `x - k` is 0). When that element is far from the piece's mean
-/// (`Σ(x - k)² > 16 m2`, more than about four standard deviations, as an
-/// outlier is), the sums would cancel, so the piece, still in L1, is summed
-/// again around its mean.
+/// (every `x - k` is 0). When that element is more than about 1.7
+/// standard deviations from the piece's mean (`Σ(x - k)² > 4 m2`; always
+/// for an outlier in a piece of more than four elements), the sums would
+/// carry more than four times the rounding of sums around the mean (and an
+/// outlier's, far more), so the piece, still in L1, is summed again around
+/// its mean. Later blocks are shifted by the running mean, whose distance
+/// from the data's is far under one standard deviation.
 fn first_block<V: Lane>(piece: &[f32]) -> (f32, (f64, f64)) {
     let k = piece[0];
     let sums = run_sums::<V>(piece, k);
     let d = sums.0 / piece.len() as f64;
     let m2 = sums.1 - sums.0 * d;
     // False for NaN: a poisoned channel stays as it is.
-    if sums.1 > 16.0 * m2 {
+    if sums.1 > 4.0 * m2 {
         let mean = (k as f64 + d) as f32;
         if mean.is_finite() {
             return (mean, run_sums::<V>(piece, mean));
