@@ -16,8 +16,8 @@
 //! however large the common offset (`1e6 + N(0, 1)` included). Panel walks
 //! start with a block of one row and grow fourfold up to [`BLOCK_ROWS`], so
 //! even an outlier in the first element does not leave a poor shift in place
-//! for long; NCHW runs start with a block shifted by its own mean (see
-//! [`WARM_UP`]).
+//! for long; NCHW runs start with a block of a whole piece, shifted by its
+//! first element or, when that is an outlier, by its mean ([`first_block`]).
 //!
 //! # Layouts
 //!
@@ -76,11 +76,12 @@ use crate::Variance;
 pub const BLOCK_ROWS: usize = 2048;
 
 /// Smallest block on the contiguous-run (NCHW) path after a channel's first.
-/// A channel's first block is its first piece, shifted by its first
-/// element unless that is an outlier ([`first_block`]); later blocks are shifted by the mean of everything before and grow
-/// threefold of what was seen (at least this, at most [`RUN_PIECE`]), so an
-/// outlier early in the channel moves the shift of only a few elements far
-/// (tests/moments_sweep.rs `outlier_first_element` pins it).
+/// A channel's first block is its first piece, shifted by its first element
+/// unless that is an outlier ([`first_block`]); later blocks are shifted by
+/// the mean of everything before and grow threefold of what was seen (at
+/// least this, at most [`RUN_PIECE`]), so an outlier early in the channel
+/// moves the shift of only a few elements far (tests/moments_sweep.rs
+/// `outlier_first_element` pins it).
 const WARM_UP: usize = 16;
 
 /// Rows a lane sums in registers before the sum joins the block's: bounds
@@ -879,8 +880,8 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(
 /// for an outlier in a piece of more than four elements), the sums would
 /// carry more than four times the rounding of sums around the mean (and an
 /// outlier's, far more), so the piece, still in L1, is summed again around
-/// its mean. Later blocks are shifted by the running mean, whose distance
-/// from the data's is far under one standard deviation.
+/// its mean. Later blocks are shifted by the running mean, which for data
+/// that does not drift is far under one standard deviation from theirs.
 fn first_block<V: Lane>(piece: &[f32]) -> (f32, (f64, f64)) {
     let k = piece[0];
     let sums = run_sums::<V>(piece, k);
