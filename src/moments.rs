@@ -42,8 +42,9 @@
 //!   batch element by batch element (memory order), each run reduced by a
 //!   short loop with `SLOTS` accumulators into its channel's block sums. A
 //!   channel's first block is its first piece (its first run, or the first
-//!   16 Ki elements of a longer one), shifted by its first element, or by its
-//!   mean when that element is an outlier ([`first_block`]).
+//!   `min(256 * SLOTS * lanes, RUN_PIECE)` elements of a longer one),
+//!   shifted by its first element, or by its mean when that element is an
+//!   outlier ([`first_block`]).
 //!
 //! Short column groups unroll over several rows, so a kernel always has
 //! `SLOTS` independent dependency chains.
@@ -85,9 +86,12 @@ pub const BLOCK_ROWS: usize = 2048;
 const WARM_UP: usize = 16;
 
 /// Rows a lane sums in registers before the sum joins the block's: bounds
-/// the `f32` rounding of one sum to about `INNER_ROWS * ε` even when every
-/// add rounds the same way.
-const INNER_ROWS: usize = 256;
+/// the `f32` rounding of one sum to about `INNER_ROWS * ε / 2` even when
+/// every add rounds the same way, as it does for runs of equal values. 256
+/// broke the §3 mean bound by 1.2x (128 by 1.1x) on values of ±1e17 that
+/// change sign halfway through a block (tests/moments_sweep.rs
+/// `sums_of_squares_stay_finite_at_the_domain_edge`).
+const INNER_ROWS: usize = 64;
 
 /// Channels whose NCHW runs are walked together, batch element by batch
 /// element (their records and block sums are on the stack).
@@ -496,11 +500,11 @@ const WINDOW_SLACK: usize = 32;
 /// rows. Longer panels read memory in a longer stride pattern, which
 /// measured slower at L3 and DRAM sizes on the machine of README
 /// §Performance. A row that fits one group is read in order anyway; its
-/// panels are as long as its register slots allow with [`INNER_ROWS`] rows
-/// per lane (256 rows times the rows unrolled at once), since a short panel
-/// costs the same fixed work for less input. Either way no `f32` sum takes
-/// more than a few hundred terms: at most 256 rows in a register, then at
-/// most `BLOCK_ROWS / 16` = 128 panel sums in a block sum.
+/// panel is the whole block, and the kernel moves its register sums to the
+/// block sums every [`INNER_ROWS`] rows per lane without returning, since
+/// each call of a panel kernel costs fixed work. Either way no `f32` sum
+/// takes more than a few hundred terms: at most 64 rows in a register, then
+/// at most `BLOCK_ROWS / 16` = 128 panel sums in a block sum.
 const PANEL_ROWS: usize = 16;
 
 /// State of one panel walk over `N` positions: per position the block's
@@ -679,9 +683,9 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     let groups = whole.div_ceil(V::SLOTS);
     let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
     let panel = if groups == 1 && rem == 0 {
-        // Short groups unroll over rows: each lane still sums at most
-        // INNER_ROWS of them.
-        INNER_ROWS * (V::SLOTS / whole).max(1)
+        // Read in order anyway: as long as the block, the kernel moving its
+        // register sums out every INNER_ROWS rows per lane by itself.
+        BLOCK_ROWS
     } else {
         PANEL_ROWS
     };
@@ -780,16 +784,24 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
         // Back-to-back rows: one slice, walked in steps whose length the
         // compiler knows, so the loads carry no bounds checks.
         let all = &x[base..base + rows * stride];
-        let mut chunks = all.chunks_exact(unroll * NV * w);
-        for chunk in &mut chunks {
-            for u in 0..unroll {
-                let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
+        // A long panel (one group holds the row) leaves its registers for
+        // the block sums every INNER_ROWS rows per lane, without leaving
+        // this loop.
+        for part in all.chunks(INNER_ROWS * unroll * NV * w) {
+            let mut chunks = part.chunks_exact(unroll * NV * w);
+            for chunk in &mut chunks {
+                for u in 0..unroll {
+                    let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
+                    add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
+                }
+            }
+            // Fewer than `unroll` rows left: one per slot, so that no slot
+            // sums more than INNER_ROWS rows.
+            for (u, seg) in chunks.remainder().chunks_exact(NV * w).enumerate() {
+                let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
                 add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
             }
-        }
-        for seg in chunks.remainder().chunks_exact(NV * w) {
-            let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
-            add_row(&mut si, &mut qi, row, &kv);
+            flush::<V, NV>(&mut si, &mut qi, unroll, s, q);
         }
     } else {
         let mut pos = base;
@@ -801,13 +813,27 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
             }
             pos += unroll * stride;
         }
-        for _ in 0..rows % unroll {
+        for u in 0..rows % unroll {
             let seg = &x[pos..pos + NV * w];
             let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
-            add_row(&mut si, &mut qi, row, &kv);
+            add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
             pos += stride;
         }
+        flush::<V, NV>(&mut si, &mut qi, unroll, s, q);
     }
+}
+
+/// Adds the register sums of a panel's `unroll` slots to the block sums
+/// and clears them.
+#[inline(always)]
+fn flush<V: Lane, const NV: usize>(
+    si: &mut [V; MAX_SLOTS],
+    qi: &mut [V; MAX_SLOTS],
+    unroll: usize,
+    s: &mut [f32],
+    q: &mut [f32],
+) {
+    let w = V::WIDTH;
     for u in 1..unroll {
         for v in 0..NV {
             si[v] = si[v].add(si[u * NV + v]);
@@ -818,11 +844,15 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
         V::load(&s[v * w..]).add(si[v]).store(&mut s[v * w..]);
         V::load(&q[v * w..]).add(qi[v]).store(&mut q[v * w..]);
     }
+    *si = [V::splat(0.0); MAX_SLOTS];
+    *qi = [V::splat(0.0); MAX_SLOTS];
 }
 
 /// Largest piece of a run reduced in `f32` before its sums go to `f64`:
-/// each lane then sums at most `RUN_PIECE / (SLOTS * lanes)` elements.
-const RUN_PIECE: usize = 16 * 1024;
+/// each lane then sums at most `RUN_PIECE / (SLOTS * lanes)` elements. The
+/// piece's `f32` sum of squares stays finite on the §3 domain: `|x - K| <=
+/// 2e17`, and `8192 * (2e17)² = 3.3e38 < f32::MAX` (16 Ki overflowed).
+const RUN_PIECE: usize = 8 * 1024;
 
 /// NCHW with `s >= w`: windows of up to [`GROUP_CHANNELS`] channels, walked
 /// batch element by batch element so that reads are in memory order (a
@@ -887,8 +917,10 @@ fn first_block<V: Lane>(piece: &[f32]) -> (f32, (f64, f64)) {
     let sums = run_sums::<V>(piece, k);
     let d = sums.0 / piece.len() as f64;
     let m2 = sums.1 - sums.0 * d;
-    // False for NaN: a poisoned channel stays as it is.
-    if sums.1 > 4.0 * m2 {
+    // Written so that an overflowing `f32` sum (values far beyond the §3
+    // domain) also takes the redo; NaN or infinite data makes the mean
+    // non-finite below, and a poisoned channel stays as it is.
+    if sums.1 > 4.0 * m2 || !sums.1.is_finite() {
         let mean = (k as f64 + d) as f32;
         if mean.is_finite() {
             return (mean, run_sums::<V>(piece, mean));

@@ -200,16 +200,18 @@ fn non_finite_values_poison_only_their_channel() {
 
 #[test]
 fn non_finite_values_poison_only_their_channel_in_runs() {
-    // NCHW runs shift a channel's first block by the mean of its first
-    // piece, which a NaN or infinity makes non-finite: the channel must
-    // still come out NaN, and its neighbours untouched. 5000 elements are
-    // more than one first piece on every width.
+    // NCHW runs shift a channel's first block by its first element and
+    // decide from the block's sums whether to sum it again around its mean:
+    // a NaN or infinity in the first block (first element, end of the first
+    // run) or in a later one must still make the channel NaN, and leave its
+    // neighbours untouched. 9000 elements are more than one first piece on
+    // every width.
     let mut rng = Rng::new(6);
     for simd in Simd::ALL {
         for shape in [
             Shape::nchw(1, 3, 17),
             Shape::nchw(3, 5, 40),
-            Shape::nchw(2, 4, 5000),
+            Shape::nchw(2, 4, 9000),
         ] {
             let (n, c, s) = (shape.batch, shape.channels, shape.spatial);
             let mut x = channel_data(&mut rng, shape, &[0.0, 1e3], &[1.0, 2.0]);
@@ -265,6 +267,42 @@ fn constant_channels_are_exact() {
                 assert_eq!(mean[ch], value(ch), "{simd:?} {shape:?} ch {ch}");
                 assert_eq!(var[ch], 0.0, "{simd:?} {shape:?} ch {ch}");
             }
+        }
+    }
+}
+
+#[test]
+fn sums_of_squares_stay_finite_at_the_domain_edge() {
+    // |x| <= 1e17 is the §3 domain, so |x - K| can reach 2e17 and a sum of
+    // squares in f32 overflows after about 8500 such terms. A first block
+    // shifted by an outlier at -1e17, and a second block of +1e17 shifted by
+    // the first block's mean, both found an infinite variance before the
+    // runs' pieces were capped at 8 Ki elements and the first-block redo
+    // was made to catch an overflowing sum (found in review).
+    let mut rng = Rng::new(7);
+    for simd in Simd::ALL {
+        for (shape, half) in [
+            (Shape::nchw(1, 1, 16384), false),
+            (Shape::nchw(1, 1, 20000), false),
+            (Shape::nchw(1, 1, 32768), true),
+            (Shape::nhwc(4096, 1, 1), true),
+            (Shape::nhwc(4096, 1, 128), true),
+            (Shape::nhwc(4096, 1, 300), true),
+            (Shape::nchw(4096, 3, 2), true),
+            (Shape::nhwc(5000, 1, 3), false),
+        ] {
+            let len = shape.len().unwrap();
+            let mut x: Vec<f32> = (0..len).map(|_| 1e17 * rng.uniform() as f32).collect();
+            if half {
+                for (i, v) in x.iter_mut().enumerate() {
+                    *v = if i < len / 2 { -1e17 } else { 1e17 };
+                }
+            } else {
+                for c in 0..shape.channels {
+                    x[reference::index(shape, 0, 0, c)] = -1e17;
+                }
+            }
+            check(simd, &x, shape);
         }
     }
 }
