@@ -42,7 +42,7 @@
 //!   batch element by batch element (memory order), each run reduced by a
 //!   short loop with `SLOTS` accumulators into its channel's block sums. A
 //!   channel's first block is its first piece (its first run, or the first
-//!   `min(256 * SLOTS * lanes, RUN_PIECE)` elements of a longer one),
+//!   `min(INNER_ROWS * SLOTS * lanes, RUN_PIECE)` elements of a longer one),
 //!   shifted by its first element, or by its mean when that element is an
 //!   outlier ([`first_block`]).
 //!
