@@ -940,6 +940,9 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
     let kv = V::splat(k);
     let mut s = [V::splat(0.0); MAX_SLOTS];
     let mut q = [V::splat(0.0); MAX_SLOTS];
+    // `add_row`'s update for one vector, written out: called with
+    // `&mut s[i..]` for a run-time `i` (the remainder loop) it kept the
+    // accumulators in memory and halved the speed of short runs.
     let mut add = |i: usize, x: V| {
         let d = x.sub(kv);
         s[i] = s[i].add(d);

@@ -14,6 +14,20 @@ fn check(simd: Simd, x: &[f32], shape: Shape) {
     }
 }
 
+/// [`check`], then: the variance is NaN for channels 0, 1 and `C - 1` (the
+/// ones a test poisoned) and for no other.
+fn check_poisoned(simd: Simd, x: &[f32], shape: Shape, ctx: &str) {
+    check(simd, x, shape);
+    let c = shape.channels;
+    let mut mean = vec![0.0; c];
+    let mut var = vec![0.0; c];
+    simd.moments(x, shape, &mut mean, &mut var).unwrap();
+    for (ch, v) in var.iter().enumerate() {
+        let bad = ch == 0 || ch == 1 || ch == c - 1;
+        assert_eq!(v.is_nan(), bad, "{simd:?} {shape:?} {ctx} ch {ch}");
+    }
+}
+
 fn shapes(lanes: usize) -> Vec<Shape> {
     let mut v = Vec::new();
     let counts = [
@@ -184,14 +198,7 @@ fn non_finite_values_poison_only_their_channel() {
                     x[reference::index(shape, row, 0, 0)] = f32::NAN;
                     x[reference::index(shape, row, 0, 1)] = f32::INFINITY;
                     x[reference::index(shape, row, 0, c - 1)] = f32::NEG_INFINITY;
-                    check(simd, &x, shape);
-                    let mut var = vec![0.0; c];
-                    let mut mean = vec![0.0; c];
-                    simd.moments(&x, shape, &mut mean, &mut var).unwrap();
-                    for (ch, v) in var.iter().enumerate() {
-                        let bad = ch == 0 || ch == 1 || ch == c - 1;
-                        assert_eq!(v.is_nan(), bad, "{simd:?} {shape:?} row {row} ch {ch}");
-                    }
+                    check_poisoned(simd, &x, shape, &format!("row {row}"));
                 }
             }
         }
@@ -218,14 +225,7 @@ fn non_finite_values_poison_only_their_channel_in_runs() {
             x[reference::index(shape, 0, 0, 0)] = f32::NAN;
             x[reference::index(shape, 0, s - 1, 1)] = f32::INFINITY;
             x[reference::index(shape, n - 1, s / 2, c - 1)] = f32::NEG_INFINITY;
-            check(simd, &x, shape);
-            let mut mean = vec![0.0; c];
-            let mut var = vec![0.0; c];
-            simd.moments(&x, shape, &mut mean, &mut var).unwrap();
-            for (ch, v) in var.iter().enumerate() {
-                let bad = ch == 0 || ch == 1 || ch == c - 1;
-                assert_eq!(v.is_nan(), bad, "{simd:?} {shape:?} ch {ch}");
-            }
+            check_poisoned(simd, &x, shape, "runs");
         }
     }
 }
