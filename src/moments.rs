@@ -100,6 +100,10 @@ pub const GROUP_CHANNELS: usize = 128;
 /// Largest `SLOTS` of any lane type.
 const MAX_SLOTS: usize = 8;
 
+/// Register sums one panel kernel keeps of each kind: `SLOTS` rows of a
+/// short group, or one row of up to `2 * SLOTS` vectors (see [`walk`]).
+const MAX_SUMS: usize = 2 * MAX_SLOTS;
+
 /// A channel's running statistics in `f64`: the crate's one implementation of
 /// Chan's parallel merge.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -457,6 +461,18 @@ fn add_row<V: Lane, const NV: usize>(s: &mut [V], q: &mut [V], row: [V; NV], k: 
     }
 }
 
+/// `NV` vectors from the start of `s`. A plain loop rather than
+/// `core::array::from_fn`, which the compiler left as a call for sixteen
+/// vectors, forcing the row's sums into memory.
+#[inline(always)]
+fn load_n<V: Lane, const NV: usize>(s: &[f32]) -> [V; NV] {
+    let mut row = [V::splat(0.0); NV];
+    for (v, r) in row.iter_mut().enumerate() {
+        *r = V::load(&s[v * V::WIDTH..]);
+    }
+    row
+}
+
 fn gcd(mut a: usize, mut b: usize) -> usize {
     while b != 0 {
         (a, b) = (b, a % b);
@@ -679,8 +695,18 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     st.n = 1;
     let whole = span.len / w;
     let rem = span.len % w;
-    // Balanced column groups: none is much shorter than SLOTS vectors.
-    let groups = whole.div_ceil(V::SLOTS);
+    // A row of up to 2 * SLOTS whole vectors is one group, read in memory
+    // order: its sums take every register (the compiler spills a few),
+    // but the hardware prefetchers follow one sequential stream at DRAM
+    // size, which they do not when a panel's rows are visited once per
+    // column group (with two groups of eight vectors, C = 256 with
+    // AVX-512, 0.33 of the read roofline at 64 MiB). Wider rows: balanced
+    // column groups, none much shorter than SLOTS vectors.
+    let groups = if rem == 0 && (1..=2 * V::SLOTS).contains(&whole) {
+        1
+    } else {
+        whole.div_ceil(V::SLOTS)
+    };
     let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
     let panel = if groups == 1 && rem == 0 {
         // Read in order anyway: as long as the block, the kernel moving its
@@ -753,7 +779,7 @@ struct Sums<'a> {
     k: &'a [f32],
 }
 
-/// [`panel_n`] for `nv` (1 to 8) vectors.
+/// [`panel_n`] for `nv` (1 to 16) vectors.
 #[inline(always)]
 fn panel_nv<V: Lane>(nv: usize, x: &[f32], tile: Tile, sums: Sums<'_>) {
     match nv {
@@ -764,7 +790,15 @@ fn panel_nv<V: Lane>(nv: usize, x: &[f32], tile: Tile, sums: Sums<'_>) {
         5 => panel_n::<V, 5>(x, tile, sums),
         6 => panel_n::<V, 6>(x, tile, sums),
         7 => panel_n::<V, 7>(x, tile, sums),
-        _ => panel_n::<V, 8>(x, tile, sums),
+        8 => panel_n::<V, 8>(x, tile, sums),
+        9 => panel_n::<V, 9>(x, tile, sums),
+        10 => panel_n::<V, 10>(x, tile, sums),
+        11 => panel_n::<V, 11>(x, tile, sums),
+        12 => panel_n::<V, 12>(x, tile, sums),
+        13 => panel_n::<V, 13>(x, tile, sums),
+        14 => panel_n::<V, 14>(x, tile, sums),
+        15 => panel_n::<V, 15>(x, tile, sums),
+        _ => panel_n::<V, 16>(x, tile, sums),
     }
 }
 
@@ -777,9 +811,9 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
     let Sums { s, q, k } = sums;
     let w = V::WIDTH;
     let unroll = (V::SLOTS / NV).max(1);
-    let kv: [V; NV] = core::array::from_fn(|v| V::load(&k[v * w..]));
-    let mut si = [V::splat(0.0); MAX_SLOTS];
-    let mut qi = [V::splat(0.0); MAX_SLOTS];
+    let kv: [V; NV] = load_n(k);
+    let mut si = [V::splat(0.0); MAX_SUMS];
+    let mut qi = [V::splat(0.0); MAX_SUMS];
     if stride == NV * w {
         // Back-to-back rows: one slice, walked in steps whose length the
         // compiler knows, so the loads carry no bounds checks.
@@ -791,14 +825,14 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
             let mut chunks = part.chunks_exact(unroll * NV * w);
             for chunk in &mut chunks {
                 for u in 0..unroll {
-                    let row = core::array::from_fn(|v| V::load(&chunk[(u * NV + v) * w..]));
+                    let row = load_n(&chunk[u * NV * w..]);
                     add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
                 }
             }
             // Fewer than `unroll` rows left: one per slot, so that no slot
             // sums more than INNER_ROWS rows.
             for (u, seg) in chunks.remainder().chunks_exact(NV * w).enumerate() {
-                let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
+                let row = load_n(seg);
                 add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
             }
             flush::<V, NV>(&mut si, &mut qi, unroll, s, q);
@@ -808,14 +842,14 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
         for _ in 0..rows / unroll {
             for u in 0..unroll {
                 let seg = &x[pos + u * stride..pos + u * stride + NV * w];
-                let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
+                let row = load_n(seg);
                 add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
             }
             pos += unroll * stride;
         }
         for u in 0..rows % unroll {
             let seg = &x[pos..pos + NV * w];
-            let row = core::array::from_fn(|v| V::load(&seg[v * w..]));
+            let row = load_n(seg);
             add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
             pos += stride;
         }
@@ -827,8 +861,8 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
 /// and clears them.
 #[inline(always)]
 fn flush<V: Lane, const NV: usize>(
-    si: &mut [V; MAX_SLOTS],
-    qi: &mut [V; MAX_SLOTS],
+    si: &mut [V; MAX_SUMS],
+    qi: &mut [V; MAX_SUMS],
     unroll: usize,
     s: &mut [f32],
     q: &mut [f32],
@@ -844,8 +878,8 @@ fn flush<V: Lane, const NV: usize>(
         V::load(&s[v * w..]).add(si[v]).store(&mut s[v * w..]);
         V::load(&q[v * w..]).add(qi[v]).store(&mut q[v * w..]);
     }
-    *si = [V::splat(0.0); MAX_SLOTS];
-    *qi = [V::splat(0.0); MAX_SLOTS];
+    *si = [V::splat(0.0); MAX_SUMS];
+    *qi = [V::splat(0.0); MAX_SUMS];
 }
 
 /// Largest piece of a run reduced in `f32` before its sums go to `f64`:

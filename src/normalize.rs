@@ -33,6 +33,7 @@
 use crate::error::{check_epsilon, Error};
 use crate::lanes::{with_lane, Lane, Simd};
 use crate::shape::{Layout, Shape};
+use wide::f64x4;
 
 /// Largest number of positions whose coefficients sit in a stack pattern.
 pub const SEGMENT: usize = 1024;
@@ -253,17 +254,35 @@ pub(crate) enum Coef<'a> {
 }
 
 impl Coef<'_> {
-    #[inline]
-    fn get(&self, c: usize) -> (f32, f32) {
+    /// Coefficients of channels `c0 .. c0 + a.len()`.
+    fn fill(&self, c0: usize, a: &mut [f32], b: &mut [f32]) {
         match *self {
-            Coef::Given { a, b } => (a[c], b[c]),
-            Coef::Fold(p) => fold_one(
-                p.mean[c],
-                p.variance[c],
-                p.scale.map_or(1.0, |s| s[c]),
-                p.offset.map_or(0.0, |o| o[c]),
-                p.epsilon,
-            ),
+            Coef::Given { a: ga, b: gb } => {
+                a.copy_from_slice(&ga[c0..c0 + a.len()]);
+                b.copy_from_slice(&gb[c0..c0 + b.len()]);
+            }
+            Coef::Fold(p) => fold_span(p, c0, a, b),
+        }
+    }
+
+    /// Coefficients of positions `p0 .. p0 + a.len()`, position `p` in
+    /// channel `p / div`.
+    fn fill_positions(&self, p0: usize, div: usize, a: &mut [f32], b: &mut [f32]) {
+        if div == 1 {
+            return self.fill(p0, a, b);
+        }
+        const CHUNK: usize = 64;
+        let (mut ta, mut tb) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+        let mut i = 0;
+        while i < a.len() {
+            let c = (p0 + i) / div;
+            let end = ((p0 + a.len() - 1) / div + 1).min(c + CHUNK);
+            self.fill(c, &mut ta[..end - c], &mut tb[..end - c]);
+            while i < a.len() && (p0 + i) / div < end {
+                let j = (p0 + i) / div - c;
+                (a[i], b[i]) = (ta[j], tb[j]);
+                i += 1;
+            }
         }
     }
 }
@@ -275,6 +294,41 @@ pub(crate) fn fold_one(mean: f32, var: f32, scale: f32, offset: f32, eps: f32) -
     let a = scale as f64 / libm::sqrt(var as f64 + eps as f64);
     let b = offset as f64 - mean as f64 * a;
     (a as f32, b as f32)
+}
+
+/// [`fold_one`] for channels `c0 .. c0 + a.len()`, four at a time: the
+/// per-channel square root and division cost about as much as normalizing
+/// a few dozen elements, which is all a channel has in a small tensor with
+/// many channels. Same `f64` operations, each correctly rounded (`wide`'s
+/// `sqrt` is `sqrtpd` on x86, `fsqrt` on aarch64 and a correctly rounded
+/// software square root elsewhere), so the same bits as [`fold_one`].
+fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
+    let n = a.len();
+    let ch =
+        |s: &[f32], i: usize| -> f64x4 { f64x4::new(core::array::from_fn(|j| s[i + j] as f64)) };
+    let eps = f64x4::splat(p.epsilon as f64);
+    let mut i = 0;
+    while i + 4 <= n {
+        let c = c0 + i;
+        let scale = p.scale.map_or(f64x4::splat(1.0), |s| ch(s, c));
+        let offset = p.offset.map_or(f64x4::splat(0.0), |o| ch(o, c));
+        let va = scale / (ch(p.variance, c) + eps).sqrt();
+        let vb = offset - ch(p.mean, c) * va;
+        for (j, (x, y)) in va.to_array().into_iter().zip(vb.to_array()).enumerate() {
+            (a[i + j], b[i + j]) = (x as f32, y as f32);
+        }
+        i += 4;
+    }
+    for j in i..n {
+        let c = c0 + j;
+        (a[j], b[j]) = fold_one(
+            p.mean[c],
+            p.variance[c],
+            p.scale.map_or(1.0, |s| s[c]),
+            p.offset.map_or(0.0, |o| o[c]),
+            p.epsilon,
+        );
+    }
 }
 
 /// The parameters of [`normalize`], as `tf.nn.batch_normalization` takes
@@ -341,10 +395,7 @@ pub fn fold(
     p.validate(shape)?;
     shape.check_channels("a", a.len())?;
     shape.check_channels("b", b.len())?;
-    let coef = Coef::Fold(&p);
-    for ch in 0..c {
-        (a[ch], b[ch]) = coef.get(ch);
-    }
+    fold_span(&p, 0, a, b);
     Ok(())
 }
 
@@ -498,9 +549,7 @@ fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, ac
             let mut c0 = 0;
             while c0 < c {
                 let cw = (c - c0).min(SEGMENT);
-                for j in 0..cw {
-                    (pa[j], pb[j]) = coef.get(c0 + j);
-                }
+                coef.fill(c0, &mut pa[..cw], &mut pb[..cw]);
                 for i in 0..n {
                     for j in 0..cw {
                         splat_span::<V, A, IO>(io, (i * c + c0 + j) * s, s, pa[j], pb[j], act);
@@ -613,8 +662,9 @@ fn periodic<V: Lane, A: Act, IO: Io>(
     if lcm <= SEGMENT {
         // Super-rows of `lcm` elements share one pattern; the partial last
         // super-row uses a prefix of it.
-        for i in 0..lcm {
-            (pa[i], pb[i]) = coef.get(i % period / div);
+        coef.fill_positions(0, div, &mut pa[..period], &mut pb[..period]);
+        for i in period..lcm {
+            (pa[i], pb[i]) = (pa[i - period], pb[i - period]);
         }
         let per = lcm / period;
         let supers = rows / per;
@@ -640,9 +690,7 @@ fn periodic<V: Lane, A: Act, IO: Io>(
         let mut p0 = 0;
         while p0 < period {
             let len = (period - p0).min(SEGMENT);
-            for i in 0..len {
-                (pa[i], pb[i]) = coef.get((p0 + i) / div);
-            }
+            coef.fill_positions(p0, div, &mut pa[..len], &mut pb[..len]);
             pattern_rows::<V, A, IO>(io, p0, rows, period, &pa[..len], &pb[..len], act);
             p0 += len;
         }

@@ -117,6 +117,33 @@ fn long_and_ill_conditioned() {
     }
 }
 
+/// Rows of 9 to 16 whole vectors are one register group read in memory
+/// order (with 32 vector registers; two or more groups with 16): every such
+/// row length for every width, with row counts around the 64-rows-per-lane
+/// flush and past a block, misaligned, ill-conditioned channels.
+#[test]
+fn rows_of_up_to_sixteen_vectors() {
+    let mut rng = Rng::new(7);
+    for simd in Simd::ALL {
+        let w = simd.lanes();
+        // `k` vectors per row: `C = k * w`, and with more than one lane also
+        // an odd `C = k` whose period `lcm(k, w) = k * w` is `k` vectors.
+        let chans = (9..=16)
+            .flat_map(|k| [k * w, k])
+            .filter(|&c| c % 2 == 1 || c == c / w * w);
+        for c in chans {
+            for rows in [1, 2, 63, 64, 65, 129, 2100] {
+                let shape = Shape::nhwc(rows, 1, c);
+                let x = channel_data(&mut rng, shape, &[1e4, -2.0, 1e3], &[1.0, 0.5, 1e-2]);
+                for off in [0, 1, 3] {
+                    let buf = misaligned(&x, off);
+                    check(simd, &buf[off..], shape);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn outlier_first_element() {
     // The first element of every channel is 1e4 σ away from the rest: the

@@ -150,3 +150,60 @@ fn affine_matches_fold_then_normalize() {
         }
     }
 }
+
+/// `fold` (four channels at a time, then one) is the `f64` reference fold
+/// rounded once, bit for bit, whatever the channel count and the values:
+/// zero and huge variances, `eps = 0` (infinite `a`), NaN and infinite
+/// inputs, negative and zero scales.
+#[test]
+fn fold_is_the_reference_fold_rounded_once() {
+    let mut rng = Rng::new(12);
+    let special = [
+        0.0,
+        -0.0,
+        1e-30,
+        1e30,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::NAN,
+        f32::INFINITY,
+        -1.0,
+    ];
+    let mut pick = |rng: &mut Rng| {
+        if rng.below(4) == 0 {
+            special[rng.below(special.len())]
+        } else {
+            (rng.normal() * 10f64.powi(rng.below(7) as i32 - 3)) as f32
+        }
+    };
+    for c in (1..=13).chain([64, 1000, 1001, 1027]) {
+        for eps in [0.0, 1e-5, 0.1] {
+            let mut v = |f: &mut dyn FnMut(&mut Rng) -> f32| {
+                (0..c).map(|_| f(&mut rng)).collect::<Vec<f32>>()
+            };
+            let mean = v(&mut pick);
+            let var = v(&mut |r| pick(r).abs());
+            let scale = v(&mut pick);
+            let offset = v(&mut pick);
+            for (sc, of) in [(Some(&scale[..]), Some(&offset[..])), (None, None)] {
+                let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
+                batchnorm::fold(&mean, &var, sc, of, eps, &mut a, &mut b).unwrap();
+                for ch in 0..c {
+                    let (ra, rb) = reference::fold(
+                        mean[ch],
+                        var[ch],
+                        sc.map_or(1.0, |s| s[ch]),
+                        of.map_or(0.0, |o| o[ch]),
+                        eps,
+                    );
+                    for (got, want, what) in [(a[ch], ra as f32, "a"), (b[ch], rb as f32, "b")] {
+                        assert!(
+                            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                            "C={c} eps={eps} channel {ch}: {what} = {got:e}, want {want:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
