@@ -26,10 +26,13 @@
 //!   (`P = C`, `S = 1` for NHWC; `P = C * S` for NCHW). Rows are grouped
 //!   into super-rows of `lcm(P, lanes)` elements so that every lane stays on
 //!   one position and all lanes are used, even for an RGB input (`C = 3`).
-//!   Rows are read in *panels*: each column group (at most `Lane::SLOTS`
-//!   vectors) sums its columns of the panel in registers and adds the sums
-//!   to per-position `f32` block sums in memory, then the next group takes
-//!   the next columns of the same rows, so the tensor is read once. Each
+//!   A super-row of up to `2 * Lane::SLOTS` vectors (C = 256 with AVX-512)
+//!   is summed whole in registers and read in memory order, the one access
+//!   pattern the hardware prefetchers follow at DRAM size. A wider one is
+//!   read in *panels*: each column group (at most `Lane::SLOTS` vectors)
+//!   sums its columns of the panel in registers and adds the sums to
+//!   per-position `f32` block sums in memory, then the next group takes the
+//!   next columns of the same rows, so the tensor is read once. Each
 //!   position keeps its own record; a channel's positions are merged when
 //!   the walk ends, with the rows left after the last whole super-row
 //!   (fewer than one super-row) summed exactly in `f64`. A super-row of up to
@@ -57,8 +60,10 @@
 //! `f32` block sums and a shift (12 bytes) and an `f64` mean and `m2` (16
 //! bytes), for 160 positions (4.4 KiB) when `lcm(P, lanes) <= 128` (C = 1,
 //! 2, 3, 4, 7, 8, 16, 32, 64 and 128 on every width, for example), else for
-//! 1056 positions (29 KiB). Only one of them is live at a time. Nothing
-//! depends on the tensor's size. No heap.
+//! 1056 positions (29 KiB). Only one of them is live at a time. A panel
+//! kernel holds at most `2 * 16` sum vectors (2 KiB with AVX-512 lanes),
+//! in registers but for the few the compiler spills. Nothing depends on the
+//! tensor's size. No heap.
 //!
 //! # Domain
 //!
@@ -831,9 +836,15 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
             }
             // Fewer than `unroll` rows left: one per slot, so that no slot
             // sums more than INNER_ROWS rows.
-            for (u, seg) in chunks.remainder().chunks_exact(NV * w).enumerate() {
-                let row = load_n(seg);
-                add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
+            // `u` runs over the whole constant range so that every index
+            // into the sums is a constant: a run-time slot index kept the
+            // sums in memory, and clearing them cost 2 * MAX_SUMS stores
+            // per flush (a tenth of a small tensor's time).
+            let rest = chunks.remainder();
+            for u in 0..unroll {
+                if let Some(seg) = rest.get(u * NV * w..(u + 1) * NV * w) {
+                    add_row(&mut si[u * NV..], &mut qi[u * NV..], load_n(seg), &kv);
+                }
             }
             flush::<V, NV>(&mut si, &mut qi, unroll, s, q);
         }
@@ -847,11 +858,12 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
             }
             pos += unroll * stride;
         }
-        for u in 0..rows % unroll {
-            let seg = &x[pos..pos + NV * w];
-            let row = load_n(seg);
-            add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
-            pos += stride;
+        for u in 0..unroll {
+            if u < rows % unroll {
+                let seg = &x[pos..pos + NV * w];
+                add_row(&mut si[u * NV..], &mut qi[u * NV..], load_n(seg), &kv);
+                pos += stride;
+            }
         }
         flush::<V, NV>(&mut si, &mut qi, unroll, s, q);
     }

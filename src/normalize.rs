@@ -28,7 +28,9 @@
 //!
 //! # Stack
 //!
-//! Two patterns of [`SEGMENT`] `f32` (8 KiB). No heap.
+//! Two patterns of [`SEGMENT`] `f32` (8 KiB), and 0.5 KiB to stage the
+//! coefficients of 64 channels while they are spread over NCHW positions
+//! (fewer spatial positions than lanes). No heap.
 
 use crate::error::{check_epsilon, Error};
 use crate::lanes::{with_lane, Lane, Simd};
