@@ -835,13 +835,15 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
                 }
             }
             // Fewer than `unroll` rows left: one per slot, so that no slot
-            // sums more than INNER_ROWS rows.
-            // `u` runs over the whole constant range so that every index
-            // into the sums is a constant: a run-time slot index kept the
-            // sums in memory, and clearing them cost 2 * MAX_SUMS stores
-            // per flush (a tenth of a small tensor's time).
+            // sums more than INNER_ROWS rows. `u` runs over the whole
+            // constant range so that every index into the sums is a
+            // constant: a run-time slot index kept the sums in memory, and
+            // clearing them cost 2 * MAX_SUMS stores per flush (about a
+            // tenth of a small tensor's time). With one slot per row
+            // nothing is left over; saying so keeps the loop out of the
+            // sixteen-vector kernel, whose registers are all taken.
             let rest = chunks.remainder();
-            for u in 0..unroll {
+            for u in 0..if unroll > 1 { unroll } else { 0 } {
                 if let Some(seg) = rest.get(u * NV * w..(u + 1) * NV * w) {
                     add_row(&mut si[u * NV..], &mut qi[u * NV..], load_n(seg), &kv);
                 }
