@@ -30,9 +30,11 @@ pub(crate) trait Lane: Copy {
     /// shorter than a vector cascade through it instead of dropping straight
     /// to one lane.
     type Half: Lane;
-    /// How many vectors of this type one kernel keeps live as independent
+    /// How many vectors of this type a kernel uses as independent
     /// accumulators (bounded by the register file of the targets that run the
     /// type natively: 32 registers for AVX-512 and NEON, 16 for SSE/AVX).
+    /// `moments` also sums a whole row of up to `2 * SLOTS` vectors in one
+    /// register group, letting the compiler spill the shifts.
     const SLOTS: usize;
     /// Every lane set to `v`.
     fn splat(v: f32) -> Self;

@@ -109,6 +109,13 @@ const MAX_SLOTS: usize = 8;
 /// short group, or one row of up to `2 * SLOTS` vectors (see [`walk`]).
 const MAX_SUMS: usize = 2 * MAX_SLOTS;
 
+const _: () = assert!(
+    2 * <f32 as Lane>::SLOTS <= MAX_SUMS
+        && 2 * <wide::f32x4 as Lane>::SLOTS <= MAX_SUMS
+        && 2 * <wide::f32x8 as Lane>::SLOTS <= MAX_SUMS
+        && 2 * <wide::f32x16 as Lane>::SLOTS <= MAX_SUMS
+);
+
 /// A channel's running statistics in `f64`: the crate's one implementation of
 /// Chan's parallel merge.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -457,8 +464,9 @@ impl Weights {
 fn add_row<V: Lane, const NV: usize>(s: &mut [V], q: &mut [V], row: [V; NV], k: &[V; NV]) {
     for ((x, kv), (sv, qv)) in row.iter().zip(k).zip(s.iter_mut().zip(q.iter_mut())) {
         // `k - x`, not `x - k`: `x` is then the operand an x86 subtraction
-        // may take straight from memory, so a group of eight vectors keeps
-        // its shifts in registers instead of reloading them every row.
+        // may take straight from memory, so a group of up to eight vectors
+        // keeps its shifts in registers instead of reloading them every row
+        // (a sixteen-vector group has no registers left for them).
         // Negation is exact, so `s` and `q` are bit-identical.
         let d = kv.sub(*x);
         *sv = sv.sub(d);
@@ -784,10 +792,12 @@ struct Sums<'a> {
     k: &'a [f32],
 }
 
-/// [`panel_n`] for `nv` (1 to 16) vectors.
+/// [`panel_n`] for `nv` (1 to `2 * SLOTS`) vectors. The bound lets the
+/// compiler drop the arms a 16-register lane type never takes.
 #[inline(always)]
 fn panel_nv<V: Lane>(nv: usize, x: &[f32], tile: Tile, sums: Sums<'_>) {
-    match nv {
+    debug_assert!((1..=2 * V::SLOTS).contains(&nv));
+    match nv.min(2 * V::SLOTS) {
         1 => panel_n::<V, 1>(x, tile, sums),
         2 => panel_n::<V, 2>(x, tile, sums),
         3 => panel_n::<V, 3>(x, tile, sums),

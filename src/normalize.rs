@@ -303,7 +303,8 @@ pub(crate) fn fold_one(mean: f32, var: f32, scale: f32, offset: f32, eps: f32) -
 /// a few dozen elements, which is all a channel has in a small tensor with
 /// many channels. Same `f64` operations, each correctly rounded (`wide`'s
 /// `sqrt` is `sqrtpd` on x86, `fsqrt` on aarch64 and a correctly rounded
-/// software square root elsewhere), so the same bits as [`fold_one`].
+/// software square root elsewhere; no fused multiply-add), so the same bits
+/// as [`fold_one`], NaN payloads aside.
 fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
     let n = a.len();
     let ch =

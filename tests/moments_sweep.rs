@@ -117,20 +117,23 @@ fn long_and_ill_conditioned() {
     }
 }
 
-/// Rows of 9 to 16 whole vectors are one register group read in memory
-/// order (with 32 vector registers; two or more groups with 16): every such
-/// row length for every width, with row counts around the 64-rows-per-lane
-/// flush and past a block, misaligned, ill-conditioned channels.
+/// A super-row of up to `2 * SLOTS` whole vectors is one register group read
+/// in memory order (16 vectors with 32 registers, 8 with 16); a longer one
+/// is split into column groups. Every super-row of 5 to 17 vectors, so both
+/// sides of that boundary on every build and width, with row counts around
+/// the 64-rows-per-lane flush and past a block, misaligned, with
+/// ill-conditioned channels.
 #[test]
 fn rows_of_up_to_sixteen_vectors() {
     let mut rng = Rng::new(7);
     for simd in Simd::ALL {
         let w = simd.lanes();
-        // `k` vectors per row: `C = k * w`, and with more than one lane also
-        // an odd `C = k` whose period `lcm(k, w) = k * w` is `k` vectors.
-        let chans = (9..=16)
-            .flat_map(|k| [k * w, k])
-            .filter(|&c| c % 2 == 1 || c == c / w * w);
+        // `k` vectors per super-row: `C = k * w`, and with more than one
+        // lane also `C = k` when `k` and `w` are coprime (`lcm(k, w) = k * w`).
+        let chans = (5..=17).flat_map(|k| {
+            let coprime = w > 1 && k % 2 == 1;
+            [Some(k * w), coprime.then_some(k)].into_iter().flatten()
+        });
         for c in chans {
             for rows in [1, 2, 63, 64, 65, 129, 2100] {
                 let shape = Shape::nhwc(rows, 1, c);
@@ -313,7 +316,10 @@ fn sums_of_squares_stay_finite_at_the_domain_edge() {
             (Shape::nchw(1, 1, 20000), false),
             (Shape::nchw(1, 1, 32768), true),
             (Shape::nhwc(4096, 1, 1), true),
+            (Shape::nhwc(4096, 1, 20), true),
+            (Shape::nhwc(4096, 1, 32), true),
             (Shape::nhwc(4096, 1, 128), true),
+            (Shape::nhwc(4096, 1, 256), true),
             (Shape::nhwc(4096, 1, 300), true),
             (Shape::nchw(4096, 3, 2), true),
             (Shape::nhwc(5000, 1, 3), false),
