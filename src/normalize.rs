@@ -289,48 +289,45 @@ impl Coef<'_> {
     }
 }
 
-/// `a = scale / sqrt(var + eps)`, `b = offset - mean * a`, in `f64`, each
-/// rounded once to `f32`.
-#[inline]
-pub(crate) fn fold_one(mean: f32, var: f32, scale: f32, offset: f32, eps: f32) -> (f32, f32) {
-    let a = scale as f64 / libm::sqrt(var as f64 + eps as f64);
-    let b = offset as f64 - mean as f64 * a;
-    (a as f32, b as f32)
+/// `a = scale / sqrt(var + eps)`, `b = offset - mean * a` in `f64`, each
+/// rounded once to `f32`, for channels `c0 .. c0 + a.len()`, four at a time:
+/// the per-channel square root and division cost about as much as
+/// normalizing a few dozen elements, which is all a channel has in a small
+/// tensor with many channels. Every operation is correctly rounded (`wide`'s
+/// `sqrt` is `sqrtpd` on x86, `fsqrt` on aarch64 and a correctly rounded
+/// software square root elsewhere; no fused multiply-add), so the result is
+/// `reference::fold` rounded to `f32`, NaN payloads aside. The last group of
+/// fewer than four channels goes through the same code, its spare lanes
+/// repeating its last channel and left unstored.
+fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
+    let mut ga = a.chunks_exact_mut(4);
+    let mut gb = b.chunks_exact_mut(4);
+    let mut c = c0;
+    for (xa, xb) in (&mut ga).zip(&mut gb) {
+        fold4(p, c, xa, xb);
+        c += 4;
+    }
+    let (ra, rb) = (ga.into_remainder(), gb.into_remainder());
+    if !ra.is_empty() {
+        fold4(p, c, ra, rb);
+    }
 }
 
-/// [`fold_one`] for channels `c0 .. c0 + a.len()`, four at a time: the
-/// per-channel square root and division cost about as much as normalizing
-/// a few dozen elements, which is all a channel has in a small tensor with
-/// many channels. Same `f64` operations, each correctly rounded (`wide`'s
-/// `sqrt` is `sqrtpd` on x86, `fsqrt` on aarch64 and a correctly rounded
-/// software square root elsewhere; no fused multiply-add), so the same bits
-/// as [`fold_one`], NaN payloads aside.
-fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
-    let n = a.len();
-    let ch =
-        |s: &[f32], i: usize| -> f64x4 { f64x4::new(core::array::from_fn(|j| s[i + j] as f64)) };
-    let eps = f64x4::splat(p.epsilon as f64);
-    let mut i = 0;
-    while i + 4 <= n {
-        let c = c0 + i;
-        let scale = p.scale.map_or(f64x4::splat(1.0), |s| ch(s, c));
-        let offset = p.offset.map_or(f64x4::splat(0.0), |o| ch(o, c));
-        let va = scale / (ch(p.variance, c) + eps).sqrt();
-        let vb = offset - ch(p.mean, c) * va;
-        for (j, (x, y)) in va.to_array().into_iter().zip(vb.to_array()).enumerate() {
-            (a[i + j], b[i + j]) = (x as f32, y as f32);
-        }
-        i += 4;
-    }
-    for j in i..n {
-        let c = c0 + j;
-        (a[j], b[j]) = fold_one(
-            p.mean[c],
-            p.variance[c],
-            p.scale.map_or(1.0, |s| s[c]),
-            p.offset.map_or(0.0, |o| o[c]),
-            p.epsilon,
-        );
+/// [`fold_span`] for the (one to four) channels from `c`, `a.len()` of them.
+#[inline(always)]
+fn fold4(p: &Params<'_>, c: usize, a: &mut [f32], b: &mut [f32]) {
+    let m = a.len();
+    let ch = |s: &[f32]| -> f64x4 {
+        let s = &s[c..c + m];
+        f64x4::new(core::array::from_fn(|j| s[j.min(m - 1)] as f64))
+    };
+    let scale = p.scale.map_or(f64x4::splat(1.0), ch);
+    let offset = p.offset.map_or(f64x4::splat(0.0), ch);
+    let va = scale / (ch(p.variance) + f64x4::splat(p.epsilon as f64)).sqrt();
+    let vb = offset - ch(p.mean) * va;
+    let (va, vb) = (va.to_array(), vb.to_array());
+    for j in 0..m {
+        (a[j], b[j]) = (va[j] as f32, vb[j] as f32);
     }
 }
 
