@@ -219,6 +219,27 @@ pub fn fold(mean: f32, variance: f32, scale: f32, offset: f32, epsilon: f32) -> 
     (a, offset as f64 - mean as f64 * a)
 }
 
+/// The oracle for [`crate::fold`]: every `a[c]`, `b[c]` is the [`fold`] of
+/// channel `c` rounded once to `f32`, bit for bit (a NaN may be any NaN).
+pub fn check_fold(params: &crate::Params<'_>, a: &[f32], b: &[f32]) -> Result<(), Mismatch> {
+    for c in 0..params.mean.len() {
+        let (ra, rb) = channel_fold(params, c);
+        for (what, got, want) in [("a", a[c], ra), ("b", b[c], rb)] {
+            let same = got.to_bits() == (want as f32).to_bits() || got.is_nan() && want.is_nan();
+            if !same {
+                return Err(Mismatch {
+                    what,
+                    index: c,
+                    got: got as f64,
+                    want: want as f32 as f64,
+                    bound: 0.0,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One activation in `f64` (the same comparisons as the kernels, so NaN
 /// stays NaN).
 pub fn activate(activation: crate::Activation, y: f64) -> f64 {
