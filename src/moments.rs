@@ -105,15 +105,21 @@ pub const GROUP_CHANNELS: usize = 128;
 /// Largest `SLOTS` of any lane type.
 const MAX_SLOTS: usize = 8;
 
+/// Most whole vectors a super-row may have and still be summed by one
+/// register group, read in memory order (see [`walk`]).
+const fn one_group<V: Lane>() -> usize {
+    2 * V::SLOTS
+}
+
 /// Register sums one panel kernel keeps of each kind: `SLOTS` rows of a
-/// short group, or one row of up to `2 * SLOTS` vectors (see [`walk`]).
+/// short group, or one row of up to [`one_group`] vectors.
 const MAX_SUMS: usize = 2 * MAX_SLOTS;
 
 const _: () = assert!(
-    2 * <f32 as Lane>::SLOTS <= MAX_SUMS
-        && 2 * <wide::f32x4 as Lane>::SLOTS <= MAX_SUMS
-        && 2 * <wide::f32x8 as Lane>::SLOTS <= MAX_SUMS
-        && 2 * <wide::f32x16 as Lane>::SLOTS <= MAX_SUMS
+    one_group::<f32>() <= MAX_SUMS
+        && one_group::<wide::f32x4>() <= MAX_SUMS
+        && one_group::<wide::f32x8>() <= MAX_SUMS
+        && one_group::<wide::f32x16>() <= MAX_SUMS
 );
 
 /// A channel's running statistics in `f64`: the crate's one implementation of
@@ -715,7 +721,7 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     // column group (with two groups of eight vectors, C = 256 with
     // AVX-512, 0.33 of the read roofline at 64 MiB). Wider rows: balanced
     // column groups, none much shorter than SLOTS vectors.
-    let groups = if rem == 0 && (1..=2 * V::SLOTS).contains(&whole) {
+    let groups = if rem == 0 && (1..=one_group::<V>()).contains(&whole) {
         1
     } else {
         whole.div_ceil(V::SLOTS)
@@ -792,12 +798,12 @@ struct Sums<'a> {
     k: &'a [f32],
 }
 
-/// [`panel_n`] for `nv` (1 to `2 * SLOTS`) vectors. The bound lets the
+/// [`panel_n`] for `nv` (1 to [`one_group`]) vectors. The bound lets the
 /// compiler drop the arms a 16-register lane type never takes.
 #[inline(always)]
 fn panel_nv<V: Lane>(nv: usize, x: &[f32], tile: Tile, sums: Sums<'_>) {
-    debug_assert!((1..=2 * V::SLOTS).contains(&nv));
-    match nv.min(2 * V::SLOTS) {
+    debug_assert!((1..=one_group::<V>()).contains(&nv));
+    match nv.min(one_group::<V>()) {
         1 => panel_n::<V, 1>(x, tile, sums),
         2 => panel_n::<V, 2>(x, tile, sums),
         3 => panel_n::<V, 3>(x, tile, sums),
@@ -852,10 +858,12 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
             // tenth of a small tensor's time). With one slot per row
             // nothing is left over; saying so keeps the loop out of the
             // sixteen-vector kernel, whose registers are all taken.
-            let rest = chunks.remainder();
-            for u in 0..if unroll > 1 { unroll } else { 0 } {
-                if let Some(seg) = rest.get(u * NV * w..(u + 1) * NV * w) {
-                    add_row(&mut si[u * NV..], &mut qi[u * NV..], load_n(seg), &kv);
+            if unroll > 1 {
+                let rest = chunks.remainder();
+                for u in 0..unroll {
+                    if let Some(seg) = rest.get(u * NV * w..(u + 1) * NV * w) {
+                        add_row(&mut si[u * NV..], &mut qi[u * NV..], load_n(seg), &kv);
+                    }
                 }
             }
             flush::<V, NV>(&mut si, &mut qi, unroll, s, q);
