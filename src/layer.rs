@@ -8,7 +8,6 @@ use crate::lanes::Simd;
 use crate::moments;
 use crate::normalize::{self, InPlace, Params, Split};
 use crate::shape::Shape;
-use crate::Variance;
 
 /// A batch-normalization layer over borrowed parameters and state.
 ///
@@ -195,11 +194,7 @@ impl<'a> BatchNorm<'a> {
         if count == 0 {
             return Err(Error::EmptyBatch);
         }
-        let (bm, bv) = (&mut *self.batch_mean, &mut *self.batch_variance);
-        moments::run(self.simd, x, shape, &mut |c, acc| {
-            bm[c] = acc.mean as f32;
-            bv[c] = acc.variance(Variance::Population) as f32;
-        });
+        moments::mean_variance(self.simd, x, shape, self.batch_mean, self.batch_variance);
         self.batches += 1;
         ema::apply(
             self.moving_mean,

@@ -336,10 +336,7 @@ impl Simd {
         if shape.count()? == 0 {
             return Err(Error::EmptyBatch);
         }
-        run(self, x, shape, &mut |c, acc| {
-            mean[c] = acc.mean as f32;
-            variance[c] = acc.variance(Variance::Population) as f32;
-        });
+        mean_variance(self, x, shape, mean, variance);
         Ok(())
     }
 
@@ -355,6 +352,25 @@ impl Simd {
         });
         Ok(())
     }
+}
+
+/// Every channel's mean and population variance. `shape` is validated,
+/// `x.len() == shape.len()`, `count > 0`, and `mean` and `variance` have one
+/// entry per channel. Every channel has `count` elements, so the variance
+/// is `m2` times one reciprocal: a division per channel took about a fifth
+/// of the time of NHWC C = 1000 at 256 KiB.
+pub(crate) fn mean_variance(
+    simd: Simd,
+    x: &[f32],
+    shape: Shape,
+    mean: &mut [f32],
+    variance: &mut [f32],
+) {
+    let inv = 1.0 / (shape.batch * shape.spatial) as f64;
+    run(simd, x, shape, &mut |c, acc| {
+        mean[c] = acc.mean as f32;
+        variance[c] = (acc.m2 * inv) as f32;
+    });
 }
 
 /// Computes every channel's record and hands it to `emit` exactly once per
@@ -609,7 +625,11 @@ fn panels<V: Lane, const N: usize>(
                     acc = acc.merge(st.acc(r * period + c * div + t));
                 }
             }
-            emit(c, acc.merge(exact(tail, period, c * div, div)));
+            // The test keeps exact's division out of the common case.
+            if !tail.is_empty() {
+                acc = acc.merge(exact(tail, period, c * div, div));
+            }
+            emit(c, acc);
         }
         return;
     }
