@@ -29,6 +29,10 @@
 //!   type the build runs natively (`f32x16` with `avx512f`, `f32x8` with
 //!   `avx`, else `f32x4`): the machine's read limit, measured in this run.
 //! * `moments`: the kernel (`Simd::detect()` lanes).
+//! * `bound_sums`, for NCHW and for NHWC with C >= 256: the structural bound
+//!   of `common` (per-channel `f32` sums of `x` and `x²` in the same access
+//!   pattern, with none of the kernel's numerics): how much of the roofline
+//!   the layout leaves to any per-channel kernel.
 //! * sizes <= 1 MiB only: `reference_f64`, the crate's scalar `f64`
 //!   two-pass oracle, and `naive_welford`, a per-element Welford update in
 //!   `f32` per channel (one division and a dependent update per element),
@@ -134,6 +138,15 @@ fn bench(cr: &mut Criterion) {
                         black_box((&mean, &var));
                     })
                 });
+                if has_sums_bound(shape) {
+                    let (mut s, mut q) = (vec![0.0f32; c], vec![0.0f32; c]);
+                    group.bench_function(BenchmarkId::new("bound_sums", &id), |b| {
+                        b.iter(|| {
+                            bound_sums(black_box(x), shape, &mut s, &mut q);
+                            black_box((&s, &q));
+                        })
+                    });
+                }
                 if bytes <= BASELINE_MAX {
                     let (mut rmean, mut rvar) = (vec![0.0f64; c], vec![0.0f64; c]);
                     group.bench_function(BenchmarkId::new("reference_f64", &id), |b| {

@@ -1,6 +1,8 @@
 //! `affine` and `normalize` beside the read+write roofline (a SIMD
 //! `x * a + b` over the same bytes), both layouts, C in {3, 16, 64, 256,
-//! 1000}, L2- to DRAM-sized inputs (see `common::sizes`).
+//! 1000}, L2- to DRAM-sized inputs (see `common::sizes`). For NHWC with
+//! C >= 256 also `bound_affine`, the structural bound of `common`: `x * a[c]
+//! + b[c]` with both coefficients loaded for every vector.
 //!
 //! `cargo bench --bench normalize`; ratios: `python3 benches/ratios.py`.
 mod common;
@@ -50,6 +52,11 @@ fn bench(cr: &mut Criterion) {
                 group.bench_function(BenchmarkId::new("roofline_rw", &id), |bn| {
                     bn.iter(|| roofline_rw(black_box(x), black_box(&mut out[1..])))
                 });
+                if has_affine_bound(shape) {
+                    group.bench_function(BenchmarkId::new("bound_affine", &id), |bn| {
+                        bn.iter(|| bound_affine(black_box(x), &mut out[1..], &a, &b))
+                    });
+                }
                 group.bench_function(BenchmarkId::new("affine", &id), |bn| {
                     bn.iter(|| {
                         batchnorm::affine(

@@ -20,13 +20,24 @@ the same group on the same bytes:
 
 ratio = limit time / kernel time (= kernel GB/s / limit GB/s). GB/s are
 1e9 bytes/s of the group's Throughput::Bytes. Rows under their target are
-marked `*`. The scalar baselines of the moments bench (reference_f64,
+marked `*`.
+
+bound = limit time / structural-bound time, where the group measured one
+(benches/common: `bound_sums` for moments, `bound_affine` for affine,
+normalize and infer; for train their times added, a roofline standing in for
+a pass without one): the share of the limit that the simplest kernel in the
+same access pattern, doing less than the crate's, reaches. A ratio near the
+bound and a bound under the target means the layout, not the kernel, holds
+the row back. The scalar baselines of the moments bench (reference_f64,
 naive_welford) are rows only with --all.
 
-Where: the directory given as argument, else $CARGO_TARGET_DIR/criterion,
-else target/criterion at the repository root (beside benches/).
+Where: the directories given as arguments, else $CARGO_TARGET_DIR/criterion,
+else target/criterion at the repository root (beside benches/). With several
+directories (copies of the criterion directory after each of several runs),
+every number is the median over the runs that have the row, and a `runs`
+column says how many did.
 
-    python3 benches/ratios.py [DIR] [--filter moments/] [--markdown] [--all]
+    python3 benches/ratios.py [DIR...] [--filter moments/] [--markdown] [--all]
 
 Python 3 standard library only.
 """
@@ -91,30 +102,34 @@ def limit_for(func, funcs):
     return None
 
 
+def bound_for(func, funcs):
+    """ns of the structural bound of `func`, or None."""
+    sums, affine = funcs.get("bound_sums"), funcs.get("bound_affine")
+    read = funcs.get("roofline_read") or funcs.get("roofline")
+    rw = funcs.get("roofline_rw")
+    if func == "train":
+        if (sums or affine) and read and rw:
+            return (sums or read)[1] + (affine or rw)[1]
+        return None
+    if func.startswith(RW_KERNELS):
+        return affine[1] if affine else None
+    if func == "moments":
+        return sums[1] if sums else None
+    return None
+
+
 def natural(s):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dir", nargs="?", help="criterion directory (default: see above)")
-    ap.add_argument("--filter", default="", help="only rows whose group/size/kernel contains this")
-    ap.add_argument("--markdown", action="store_true", help="a Markdown table")
-    ap.add_argument("--all", action="store_true", help="include the scalar baselines")
-    args = ap.parse_args()
-    if hasattr(signal, "SIGPIPE"):  # quiet under `| head`
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-
-    root = criterion_dir(args.dir)
-    if not root.is_dir():
-        sys.exit(f"no criterion output at {root}: run `cargo bench` first")
-    results = load(root)
-
-    rows = []
+def measure(results, args):
+    """{(group, size, func): (sort key, limit name, target, limit GB/s,
+    kernel GB/s, ratio, bound or None)} for one criterion directory."""
+    out = {}
     for (group, size), funcs in results.items():
         nbytes = next(iter(funcs.values()))[0]
         for func, (fbytes, ns) in funcs.items():
-            if func.startswith("roofline") or (func in BASELINES and not args.all):
+            if func.startswith(("roofline", "bound_")) or (func in BASELINES and not args.all):
                 continue
             if args.filter and args.filter not in f"{group}/{size}/{func}":
                 continue
@@ -122,21 +137,64 @@ def main():
             if lim is None:
                 continue
             lname, lns, target = lim
-            ratio = lns / ns
-            flag = " *" if target is not None and ratio < target else ""
-            rows.append((
-                (natural(group), nbytes, natural(func)),
-                [group, size, func, lname, f"{fbytes / lns:.2f}", f"{fbytes / ns:.2f}",
-                 f"{ratio:.2f}{flag}"],
-                target is not None,
-                bool(flag),
-            ))
+            bns = bound_for(func, funcs)
+            out[(group, size, func)] = (
+                (natural(group), nbytes, natural(func)), lname, target,
+                fbytes / lns, fbytes / ns, lns / ns, lns / bns if bns else None,
+            )
+    return out
+
+
+def median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dir", nargs="*",
+                    help="criterion directories, one per run; several give per-cell medians "
+                         "(default: see above)")
+    ap.add_argument("--filter", default="", help="only rows whose group/size/kernel contains this")
+    ap.add_argument("--markdown", action="store_true", help="a Markdown table")
+    ap.add_argument("--all", action="store_true", help="include the scalar baselines")
+    args = ap.parse_args()
+    if hasattr(signal, "SIGPIPE"):  # quiet under `| head`
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+    roots = [criterion_dir(d) for d in args.dir] or [criterion_dir(None)]
+    runs = []
+    for root in roots:
+        if not root.is_dir():
+            sys.exit(f"no criterion output at {root}: run `cargo bench` first")
+        runs.append(measure(load(root), args))
+
+    rows = []
+    for key in set().union(*runs):
+        cells = [run[key] for run in runs if key in run]
+        sort_key, lname, target = cells[0][:3]
+        ratio = median(c[5] for c in cells)
+        bounds = [c[6] for c in cells if c[6] is not None]
+        flag = " *" if target is not None and ratio < target else ""
+        group, size, func = key
+        rows.append((
+            sort_key,
+            [group, size, func, lname, f"{median(c[3] for c in cells):.2f}",
+             f"{median(c[4] for c in cells):.2f}", f"{ratio:.2f}{flag}",
+             f"{median(bounds):.2f}" if bounds else "", str(len(cells))],
+            target is not None,
+            bool(flag),
+        ))
     if not rows:
-        sys.exit(f"no kernel/roofline pairs under {root}")
+        sys.exit(f"no kernel/roofline pairs under {', '.join(map(str, roots))}")
     rows.sort(key=lambda r: r[0])
 
-    header = ["group", "size", "kernel", "limit", "limit GB/s", "kernel GB/s", "ratio"]
+    header = ["group", "size", "kernel", "limit", "limit GB/s", "kernel GB/s", "ratio",
+              "bound", "runs"]
     table = [r[1] for r in rows]
+    if len(runs) == 1:
+        header, table = header[:-1], [r[:-1] for r in table]
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|")
@@ -155,8 +213,9 @@ def main():
             print(line(r))
     below = sum(r[3] for r in rows)
     targeted = sum(r[2] for r in rows)
+    what = "medians" if len(runs) == 1 else f"per-cell medians over {len(runs)} runs of medians"
     print(f"\n{below} of {targeted} rows with a target are below it (*: 0.9, train 0.85); "
-          f"medians from {root}")
+          f"{what} from {', '.join(map(str, roots))}")
 
 
 if __name__ == "__main__":

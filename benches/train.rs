@@ -1,7 +1,10 @@
 //! `BatchNorm::train` (moments, normalize, moving update in one call) beside
 //! the three-pass limit: one read roofline pass (moments) plus one
 //! read+write roofline pass (normalize) over the same bytes, both measured
-//! in this run. Also `infer`, beside the read+write roofline.
+//! in this run. Also `infer`, beside the read+write roofline. Where
+//! `common` defines them for the shape, the structural bounds `bound_sums`
+//! and `bound_affine` are measured too; `ratios.py` adds them up (with a
+//! roofline for the pass that has none) into the training step's bound.
 //!
 //! `cargo bench --bench train`; ratios: `python3 benches/ratios.py`.
 mod common;
@@ -41,6 +44,20 @@ fn bench(cr: &mut Criterion) {
                 group.bench_function(BenchmarkId::new("roofline_rw", &id), |b| {
                     b.iter(|| roofline_rw(black_box(x), black_box(&mut out[1..])))
                 });
+                if has_sums_bound(shape) {
+                    let (mut s, mut q) = (vec![0.0f32; c], vec![0.0f32; c]);
+                    group.bench_function(BenchmarkId::new("bound_sums", &id), |b| {
+                        b.iter(|| {
+                            bound_sums(black_box(x), shape, &mut s, &mut q);
+                            black_box((&s, &q));
+                        })
+                    });
+                }
+                if has_affine_bound(shape) {
+                    group.bench_function(BenchmarkId::new("bound_affine", &id), |b| {
+                        b.iter(|| bound_affine(black_box(x), &mut out[1..], &scale, &offset))
+                    });
+                }
                 group.bench_function(BenchmarkId::new("train", &id), |b| {
                     b.iter(|| bn.train(black_box(x), &mut out[1..], shape).unwrap())
                 });

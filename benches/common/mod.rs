@@ -7,6 +7,20 @@
 //! * read roofline: a plain SIMD sum with four independent accumulators;
 //! * read+write roofline: a SIMD `y = x * a + b` with constant `a`, `b`.
 //!
+//! Where a layout makes the roofline's access pattern unavailable to any
+//! per-channel kernel, a *structural bound* is measured too: the simplest
+//! kernel that does strictly less than the crate's in the same access
+//! pattern (no shift, no blocks, no `f64`, no activation). Its ratio to the
+//! roofline says how much of the gap is the layout's and how much the
+//! kernel's; it is not a limit any kernel must stay under.
+//! * [`bound_sums`] (moments): per-channel `f32` sums of `x` and `x²`, one
+//!   horizontal reduction per NCHW run, or NHWC rows of at least
+//!   [`WIDE_ROW`] elements summed in panels of 16 rows by groups of eight
+//!   vectors (four without AVX-512) held in registers.
+//! * [`bound_affine`] (affine, normalize, infer): NHWC `y = x * a[c] + b[c]`
+//!   with both coefficients loaded from memory for every vector, as rows
+//!   wider than the register file force.
+//!
 //! Both use the widest `wide` type the build runs natively (the same one
 //! `Simd::detect()` picks).
 #![allow(dead_code)]
@@ -114,4 +128,134 @@ pub fn roofline_rw(x: &[f32], y: &mut [f32]) {
     for (xv, yv) in xs.remainder().iter().zip(ys.into_remainder()) {
         *yv = xv * 1.5 - 0.25;
     }
+}
+
+/// Narrowest NHWC row (in elements) [`bound_sums`] and [`bound_affine`] are
+/// measured for: rows narrower than this have a register-resident pattern,
+/// for which the roofline itself is the bound.
+pub const WIDE_ROW: usize = 256;
+
+/// Whether [`bound_sums`] is measured for `shape`.
+pub fn has_sums_bound(shape: Shape) -> bool {
+    match shape.layout {
+        Layout::Nchw => shape.spatial >= LANES,
+        Layout::Nhwc => shape.channels >= WIDE_ROW,
+    }
+}
+
+/// Whether [`bound_affine`] is measured for `shape`.
+pub fn has_affine_bound(shape: Shape) -> bool {
+    shape.layout == Layout::Nhwc && shape.channels >= WIDE_ROW
+}
+
+/// The structural bound of moments (see the module docs): adds the
+/// per-channel sums of `x` and `x²` to `s` and `q`. NCHW with at least one
+/// vector of spatial positions, or NHWC with `channels >= WIDE_ROW`.
+#[inline(never)]
+pub fn bound_sums(x: &[f32], shape: Shape, s: &mut [f32], q: &mut [f32]) {
+    let c = shape.channels;
+    match shape.layout {
+        Layout::Nchw => {
+            let mut ch = 0;
+            for run in x.chunks_exact(shape.spatial) {
+                let (rs, rq) = run_sums(run);
+                s[ch] += rs;
+                q[ch] += rq;
+                ch = if ch + 1 == c { 0 } else { ch + 1 };
+            }
+        }
+        Layout::Nhwc => {
+            let nv = c / LANES;
+            for panel in x.chunks(16 * c) {
+                for v0 in (0..nv).step_by(GROUP) {
+                    let g = (nv - v0).min(GROUP);
+                    let mut sa = [Native::splat(0.0); GROUP];
+                    let mut qa = [Native::splat(0.0); GROUP];
+                    for row in panel.chunks_exact(c) {
+                        for j in 0..g {
+                            let v = load(&row[(v0 + j) * LANES..]);
+                            sa[j] += v;
+                            qa[j] = v.mul_add(v, qa[j]);
+                        }
+                    }
+                    for j in 0..g {
+                        let o = (v0 + j) * LANES;
+                        store(load(&s[o..]) + sa[j], &mut s[o..]);
+                        store(load(&q[o..]) + qa[j], &mut q[o..]);
+                    }
+                }
+                for row in panel.chunks_exact(c) {
+                    for j in nv * LANES..c {
+                        s[j] += row[j];
+                        q[j] += row[j] * row[j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Vectors per column group of [`bound_sums`]: its sums then take half of
+/// the vector registers (32 with AVX-512, 16 otherwise).
+const GROUP: usize = if cfg!(target_feature = "avx512f") {
+    8
+} else {
+    4
+};
+
+/// Four-accumulator sums of `x` and `x²` of one contiguous run.
+fn run_sums(run: &[f32]) -> (f32, f32) {
+    let mut sa = [Native::splat(0.0); 4];
+    let mut qa = [Native::splat(0.0); 4];
+    let mut chunks = run.chunks_exact(4 * LANES);
+    for c in &mut chunks {
+        for k in 0..4 {
+            let v = load(&c[k * LANES..]);
+            sa[k] += v;
+            qa[k] = v.mul_add(v, qa[k]);
+        }
+    }
+    let mut vectors = chunks.remainder().chunks_exact(LANES);
+    for (k, c) in (&mut vectors).enumerate() {
+        let v = load(c);
+        sa[k] += v;
+        qa[k] = v.mul_add(v, qa[k]);
+    }
+    let (mut ts, mut tq) = (0.0, 0.0);
+    for &v in vectors.remainder() {
+        ts += v;
+        tq += v * v;
+    }
+    (
+        ((sa[0] + sa[1]) + (sa[2] + sa[3])).reduce_add() + ts,
+        ((qa[0] + qa[1]) + (qa[2] + qa[3])).reduce_add() + tq,
+    )
+}
+
+/// The structural bound of affine, normalize and infer for NHWC rows of at
+/// least [`WIDE_ROW`] elements (see the module docs).
+#[inline(never)]
+pub fn bound_affine(x: &[f32], y: &mut [f32], a: &[f32], b: &[f32]) {
+    let c = a.len();
+    let nv = c / LANES;
+    for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+        for v in 0..nv {
+            let o = v * LANES;
+            store(
+                load(&xr[o..]).mul_add(load(&a[o..]), load(&b[o..])),
+                &mut yr[o..],
+            );
+        }
+        for j in nv * LANES..c {
+            yr[j] = xr[j] * a[j] + b[j];
+        }
+    }
+}
+
+fn load(s: &[f32]) -> Native {
+    Native::new(s[..LANES].try_into().unwrap())
+}
+
+fn store(v: Native, out: &mut [f32]) {
+    out[..LANES].copy_from_slice(&v.to_array());
 }
