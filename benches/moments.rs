@@ -138,15 +138,7 @@ fn bench(cr: &mut Criterion) {
                         black_box((&mean, &var));
                     })
                 });
-                if has_sums_bound(shape) {
-                    let (mut s, mut q) = (vec![0.0f32; c], vec![0.0f32; c]);
-                    group.bench_function(BenchmarkId::new("bound_sums", &id), |b| {
-                        b.iter(|| {
-                            bound_sums(black_box(x), shape, &mut s, &mut q);
-                            black_box((&s, &q));
-                        })
-                    });
-                }
+                bench_bound_sums(&mut group, &id, x, shape);
                 if bytes <= BASELINE_MAX {
                     let (mut rmean, mut rvar) = (vec![0.0f64; c], vec![0.0f64; c]);
                     group.bench_function(BenchmarkId::new("reference_f64", &id), |b| {

@@ -44,15 +44,7 @@ fn bench(cr: &mut Criterion) {
                 group.bench_function(BenchmarkId::new("roofline_rw", &id), |b| {
                     b.iter(|| roofline_rw(black_box(x), black_box(&mut out[1..])))
                 });
-                if has_sums_bound(shape) {
-                    let (mut s, mut q) = (vec![0.0f32; c], vec![0.0f32; c]);
-                    group.bench_function(BenchmarkId::new("bound_sums", &id), |b| {
-                        b.iter(|| {
-                            bound_sums(black_box(x), shape, &mut s, &mut q);
-                            black_box((&s, &q));
-                        })
-                    });
-                }
+                bench_bound_sums(&mut group, &id, x, shape);
                 if has_affine_bound(shape) {
                     group.bench_function(BenchmarkId::new("bound_affine", &id), |b| {
                         b.iter(|| bound_affine(black_box(x), &mut out[1..], &scale, &offset))

@@ -26,7 +26,8 @@
 #![allow(dead_code)]
 
 use batchnorm::{Layout, Shape};
-use criterion::{measurement::WallTime, BenchmarkGroup};
+use criterion::{measurement::WallTime, BenchmarkGroup, BenchmarkId};
+use std::hint::black_box;
 use std::time::Duration;
 
 #[cfg(target_feature = "avx512f")]
@@ -140,6 +141,25 @@ pub fn has_sums_bound(shape: Shape) -> bool {
     match shape.layout {
         Layout::Nchw => shape.spatial >= LANES,
         Layout::Nhwc => shape.channels >= WIDE_ROW,
+    }
+}
+
+/// Times [`bound_sums`] as `bound_sums/<id>` in `group` when `shape` has
+/// one.
+pub fn bench_bound_sums(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    x: &[f32],
+    shape: Shape,
+) {
+    if has_sums_bound(shape) {
+        let (mut s, mut q) = (vec![0.0f32; shape.channels], vec![0.0f32; shape.channels]);
+        group.bench_function(BenchmarkId::new("bound_sums", id), |b| {
+            b.iter(|| {
+                bound_sums(black_box(x), shape, &mut s, &mut q);
+                black_box((&s, &q));
+            })
+        });
     }
 }
 
