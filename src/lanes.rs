@@ -150,13 +150,37 @@ macro_rules! wide_lane {
             fn mul_add(self, m: Self, a: Self) -> Self {
                 $t::mul_add(self, m, a)
             }
+            // With SSE, `maxps(lo, y)` is `lo > y ? lo : y` and `minps(hi,
+            // y)` is `hi < y ? hi : y`: the selects below, NaN and signed
+            // zeros included, in one instruction each (with AVX-512 the
+            // select became a compare, a mask inversion and a masked move,
+            // and `normalize` with a ReLU lost 4 to 8% at 256 KiB). `wide`'s
+            // `fast_max`/`fast_min` are those instructions on x86 only.
             #[inline(always)]
             fn floor_at(self, lo: Self) -> Self {
-                self.simd_lt(lo).select(lo, self)
+                #[cfg(all(
+                    any(target_arch = "x86", target_arch = "x86_64"),
+                    target_feature = "sse"
+                ))]
+                return lo.fast_max(self);
+                #[cfg(not(all(
+                    any(target_arch = "x86", target_arch = "x86_64"),
+                    target_feature = "sse"
+                )))]
+                return self.simd_lt(lo).select(lo, self);
             }
             #[inline(always)]
             fn ceil_at(self, hi: Self) -> Self {
-                self.simd_gt(hi).select(hi, self)
+                #[cfg(all(
+                    any(target_arch = "x86", target_arch = "x86_64"),
+                    target_feature = "sse"
+                ))]
+                return hi.fast_min(self);
+                #[cfg(not(all(
+                    any(target_arch = "x86", target_arch = "x86_64"),
+                    target_feature = "sse"
+                )))]
+                return self.simd_gt(hi).select(hi, self);
             }
         }
     };

@@ -203,3 +203,51 @@ fn fold_is_the_reference_fold_rounded_once() {
         }
     }
 }
+
+/// Every width applies each activation exactly as `Activation::apply` does
+/// one value at a time, NaN and signed zeros included (x86 builds use
+/// `maxps`/`minps` for the clamps, whose operand order decides both).
+#[test]
+fn activations_match_the_scalar_definition_on_special_values() {
+    let special = [
+        f32::NAN,
+        -f32::NAN,
+        -0.0,
+        0.0,
+        -1.0,
+        1.0,
+        -0.5,
+        0.25,
+        6.0,
+        7.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+    ];
+    let mut acts = ACTIVATIONS.to_vec();
+    acts.push(Activation::Clamp {
+        min: -0.0,
+        max: 0.0,
+    });
+    for simd in Simd::ALL {
+        // Every value in every lane: 3 * 16 + 5 elements cycle through
+        // them, with a scalar tail.
+        let n = 3 * 16 + 5;
+        let x: Vec<f32> = (0..n).map(|i| special[i % special.len()]).collect();
+        let shape = Shape::nhwc(n, 1, 1);
+        // y = x * 1 + (-0) is x itself, -0.0 included.
+        let (a, b) = ([1.0f32], [-0.0f32]);
+        for &act in &acts {
+            let mut y = vec![0.0f32; n];
+            simd.affine(&x, &mut y, shape, &a, &b, act).unwrap();
+            for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
+                let want = act.apply(xi);
+                assert!(
+                    want.to_bits() == yi.to_bits() || (want.is_nan() && yi.is_nan()),
+                    "{simd:?} {act:?} x[{i}] = {xi:?}: got {yi:?}, want {want:?}"
+                );
+            }
+        }
+    }
+}
