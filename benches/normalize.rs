@@ -52,11 +52,7 @@ fn bench(cr: &mut Criterion) {
                 group.bench_function(BenchmarkId::new("roofline_rw", &id), |bn| {
                     bn.iter(|| roofline_rw(black_box(x), black_box(&mut out[1..])))
                 });
-                if has_affine_bound(shape) {
-                    group.bench_function(BenchmarkId::new("bound_affine", &id), |bn| {
-                        bn.iter(|| bound_affine(black_box(x), &mut out[1..], &a, &b))
-                    });
-                }
+                bench_bound_affine(&mut group, &id, x, &mut out[1..], shape, (&a, &b));
                 group.bench_function(BenchmarkId::new("affine", &id), |bn| {
                     bn.iter(|| {
                         batchnorm::affine(

@@ -49,6 +49,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from statistics import median
 
 BASELINES = {"reference_f64", "naive_welford"}
 RW_KERNELS = ("affine", "normalize", "infer")
@@ -143,12 +144,6 @@ def measure(results, args):
                 fbytes / lns, fbytes / ns, lns / ns, lns / bns if bns else None,
             )
     return out
-
-
-def median(values):
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
 def main():

@@ -45,11 +45,8 @@ fn bench(cr: &mut Criterion) {
                     b.iter(|| roofline_rw(black_box(x), black_box(&mut out[1..])))
                 });
                 bench_bound_sums(&mut group, &id, x, shape);
-                if has_affine_bound(shape) {
-                    group.bench_function(BenchmarkId::new("bound_affine", &id), |b| {
-                        b.iter(|| bound_affine(black_box(x), &mut out[1..], &scale, &offset))
-                    });
-                }
+                let coef = (&scale[..], &offset[..]);
+                bench_bound_affine(&mut group, &id, x, &mut out[1..], shape, coef);
                 group.bench_function(BenchmarkId::new("train", &id), |b| {
                     b.iter(|| bn.train(black_box(x), &mut out[1..], shape).unwrap())
                 });

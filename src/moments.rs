@@ -46,9 +46,8 @@
 //!   short loop with `RUN_SLOTS` accumulators into its channel's block sums.
 //!   A channel's first block is its first piece (its first run, or the first
 //!   `min(INNER_ROWS * RUN_SLOTS * lanes, RUN_PIECE)` elements of a longer
-//!   one),
-//!   shifted by its first element, or by its mean when that element is an
-//!   outlier ([`first_block`]).
+//!   one), shifted by its first element, or by its mean when that element
+//!   is an outlier ([`first_block`]).
 //!
 //! Short column groups unroll over several rows, so a kernel always has
 //! `SLOTS` independent dependency chains.
@@ -625,11 +624,7 @@ fn panels<V: Lane, const N: usize>(
                     acc = acc.merge(st.acc(r * period + c * div + t));
                 }
             }
-            // The test keeps exact's division out of the common case.
-            if !tail.is_empty() {
-                acc = acc.merge(exact(tail, period, c * div, div));
-            }
-            emit(c, acc);
+            emit(c, acc.merge(exact(tail, period, c * div, div)));
         }
         return;
     }
@@ -659,6 +654,12 @@ fn panels<V: Lane, const N: usize>(
 /// `rows` (rows of `period` elements): plain two-pass `f64`, for the few
 /// elements a super-row walk leaves over.
 fn exact(rows: &[f32], period: usize, offset: usize, width: usize) -> Acc {
+    // Most walks leave no rows: return before the division below, which
+    // ran once per channel (most of the per-channel loop of NHWC C = 1000
+    // at 256 KiB).
+    if rows.is_empty() {
+        return Acc::default();
+    }
     let items = || {
         rows.chunks_exact(period)
             .flat_map(move |row| &row[offset..offset + width])

@@ -168,6 +168,23 @@ pub fn has_affine_bound(shape: Shape) -> bool {
     shape.layout == Layout::Nhwc && shape.channels >= WIDE_ROW
 }
 
+/// Times [`bound_affine`] as `bound_affine/<id>` in `group` when `shape`
+/// has one.
+pub fn bench_bound_affine(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    x: &[f32],
+    y: &mut [f32],
+    shape: Shape,
+    (a, b): (&[f32], &[f32]),
+) {
+    if has_affine_bound(shape) {
+        group.bench_function(BenchmarkId::new("bound_affine", id), |bn| {
+            bn.iter(|| bound_affine(black_box(x), &mut *y, a, b))
+        });
+    }
+}
+
 /// The structural bound of moments (see the module docs): adds the
 /// per-channel sums of `x` and `x²` to `s` and `q`. NCHW with at least one
 /// vector of spatial positions, or NHWC with `channels >= WIDE_ROW`.
