@@ -9,7 +9,7 @@
 //! `cargo bench --bench train`; ratios: `python3 benches/ratios.py`.
 mod common;
 
-use batchnorm::{BatchNorm, Config, Layout};
+use batchnorm::{Batch, BatchNorm, Config, Layout, MovingStats, ScaleOffset};
 use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -28,12 +28,17 @@ fn bench(cr: &mut Criterion) {
                 let (mut bm, mut bv) = (vec![0.0f32; c], vec![0.0f32; c]);
                 let scale = vec![1.25f32; c];
                 let offset = vec![0.5f32; c];
-                let mut bn = BatchNorm::new(Config::keras(), &mut mm, &mut mv, &mut bm, &mut bv)
-                    .unwrap()
-                    .with_scale(&scale)
-                    .unwrap()
-                    .with_offset(&offset)
-                    .unwrap();
+                let moving = MovingStats {
+                    mean: &mut mm,
+                    variance: &mut mv,
+                    batches: 0,
+                };
+                let mut bn = BatchNorm::new(Config::keras(), moving).unwrap();
+                let mut batch = Batch {
+                    mean: &mut bm,
+                    variance: &mut bv,
+                };
+                let so = ScaleOffset::new(&scale, &offset);
                 // Throughput counts the input bytes once: GB/s of training data.
                 group.throughput(Throughput::Bytes((len * 4) as u64));
                 configure(&mut group, bytes);
@@ -48,10 +53,13 @@ fn bench(cr: &mut Criterion) {
                 let coef = (&scale[..], &offset[..]);
                 bench_bound_affine(&mut group, &id, x, &mut out[1..], shape, coef);
                 group.bench_function(BenchmarkId::new("train", &id), |b| {
-                    b.iter(|| bn.train(black_box(x), &mut out[1..], shape).unwrap())
+                    b.iter(|| {
+                        bn.train(black_box(x), &mut out[1..], shape, so, &mut batch)
+                            .unwrap()
+                    })
                 });
                 group.bench_function(BenchmarkId::new("infer", &id), |b| {
-                    b.iter(|| bn.infer(black_box(x), &mut out[1..], shape).unwrap())
+                    b.iter(|| bn.infer(black_box(x), &mut out[1..], shape, so).unwrap())
                 });
             }
             group.finish();

@@ -10,7 +10,7 @@
 //! 3. Shows TensorFlow 1.x's classic mistake (moving statistics never
 //!    updated because `UPDATE_OPS` was not run) and why `train` cannot make it.
 
-use batchnorm::{BatchNorm, Config, Shape};
+use batchnorm::{Batch, BatchNorm, Config, MovingStats, ScaleOffset, Shape};
 
 /// Channel means and standard deviations of the generated data.
 const MEANS: [f32; 4] = [5.0, -2.0, 100.0, 0.5];
@@ -50,14 +50,20 @@ fn main() -> Result<(), batchnorm::Error> {
 
     // Keras initialises the moving statistics to mean 0, variance 1.
     let (mut moving_mean, mut moving_var) = ([0.0f32; C], [1.0f32; C]);
+    let moving = MovingStats {
+        mean: &mut moving_mean,
+        variance: &mut moving_var,
+        batches: 0,
+    };
+    let mut bn = BatchNorm::new(Config::keras(), moving)?;
+    // Where each step leaves its batch statistics (a backward pass reads them).
     let (mut batch_mean, mut batch_var) = ([0.0f32; C], [0.0f32; C]);
-    let mut bn = BatchNorm::new(
-        Config::keras(),
-        &mut moving_mean,
-        &mut moving_var,
-        &mut batch_mean,
-        &mut batch_var,
-    )?;
+    let mut batch = Batch {
+        mean: &mut batch_mean,
+        variance: &mut batch_var,
+    };
+    // No learned scale or offset here (Keras' `scale=False, center=False`).
+    let params = ScaleOffset::NONE;
 
     println!(
         "batchnorm quickstart: {C} channels, {SHAPE:?}, Keras preset (momentum 0.99, eps 1e-3)"
@@ -68,20 +74,20 @@ fn main() -> Result<(), batchnorm::Error> {
     let start = std::time::Instant::now();
     for step in 1..=STEPS {
         rng.batch(&mut x);
-        bn.train(&x, &mut y, SHAPE)?;
+        bn.train(&x, &mut y, SHAPE, params, &mut batch)?;
         if [1, 10, 100, 500, STEPS].contains(&step) {
             println!(
-                "  step {step:>3}: moving mean {:>8.3?}  moving variance {:>8.3?}",
-                bn.moving_mean(),
-                bn.moving_variance()
+                "  step {step:>4}: moving mean {:>8.3?}  moving variance {:>8.3?}",
+                bn.moving().mean,
+                bn.moving().variance
             );
         }
     }
     let elapsed = start.elapsed();
     let worst = (0..C)
         .map(|c| {
-            let dm = (bn.moving_mean()[c] - MEANS[c]).abs() / STDS[c];
-            let dv = (bn.moving_variance()[c] / (STDS[c] * STDS[c]) - 1.0).abs();
+            let dm = (bn.moving().mean[c] - MEANS[c]).abs() / STDS[c];
+            let dv = (bn.moving().variance[c] / (STDS[c] * STDS[c]) - 1.0).abs();
             dm.max(dv)
         })
         .fold(0.0f32, f32::max);
@@ -93,8 +99,19 @@ fn main() -> Result<(), batchnorm::Error> {
     println!("\n2. inference on a fresh in-distribution batch");
     rng.batch(&mut x);
     let mut y_infer = vec![0.0f32; len];
-    bn.infer(&x, &mut y_infer, SHAPE)?;
-    bn.train(&x, &mut y, SHAPE)?; // train mode on the same batch, for comparison
+    bn.infer(&x, &mut y_infer, SHAPE, params)?;
+    // The train-mode output on the same batch, for comparison (the
+    // normalization alone: a training step would also move the statistics).
+    batchnorm::moments(&x, SHAPE, batch.mean, batch.variance)?;
+    let batch_params = batchnorm::Params {
+        mean: batch.mean,
+        variance: batch.variance,
+        scale: None,
+        offset: None,
+        epsilon: bn.config().epsilon,
+        activation: bn.config().activation,
+    };
+    batchnorm::normalize(&x, &mut y, SHAPE, &batch_params)?;
     let mad = mean_abs_diff(&y, &y_infer);
     println!(
         "  mean |y_train - y_infer| = {mad:.4} (normalized units; batch vs population statistics)"
@@ -109,16 +126,14 @@ fn main() -> Result<(), batchnorm::Error> {
     // What a graph that trained without running UPDATE_OPS leaves behind:
     // the initial moving mean 0 and moving variance 1.
     let (mut stale_mean, mut stale_var) = ([0.0f32; C], [1.0f32; C]);
-    let (mut bm, mut bv) = ([0.0f32; C], [0.0f32; C]);
-    let stale = BatchNorm::new(
-        Config::keras(),
-        &mut stale_mean,
-        &mut stale_var,
-        &mut bm,
-        &mut bv,
-    )?;
+    let stale = MovingStats {
+        mean: &mut stale_mean,
+        variance: &mut stale_var,
+        batches: 0,
+    };
+    let stale = BatchNorm::new(Config::keras(), stale)?;
     let mut y_stale = vec![0.0f32; len];
-    stale.infer(&x, &mut y_stale, SHAPE)?;
+    stale.infer(&x, &mut y_stale, SHAPE, params)?;
     println!(
         "  stale infer output per channel: mean {:>7.3?}, variance {:>9.3?}",
         stats(&y_stale).0,
@@ -130,7 +145,7 @@ fn main() -> Result<(), batchnorm::Error> {
     );
     println!(
         "  here a training step IS the update: {} steps taken, each one moved the moving statistics; there is no separate op to forget.",
-        bn.batches()
+        bn.moving().batches
     );
 
     let ok = worst < 0.05 && mad < 0.1;

@@ -32,7 +32,8 @@ fn main() -> Result<(), batchnorm::Error> {
                 s.spawn(move || -> Result<Vec<u8>, batchnorm::Error> {
                     let mut records = [Moments::EMPTY; C];
                     accumulate(part, Shape::rows(part.len() / C, C), &mut records)?;
-                    Ok(bytemuck::cast_slice(&records).to_vec())
+                    // 24 little-endian bytes per channel: count, mean, m2.
+                    Ok(records.iter().flat_map(Moments::to_le_bytes).collect())
                 })
             })
             .collect();
@@ -45,12 +46,13 @@ fn main() -> Result<(), batchnorm::Error> {
     // The all-gather's receiving side: decode and merge with Chan's formula.
     let mut merged = [Moments::EMPTY; C];
     for bytes in &wire {
-        // A byte buffer carries no alignment promise: read each record unaligned.
-        let records = bytes
-            .chunks_exact(core::mem::size_of::<Moments>())
-            .map(bytemuck::pod_read_unaligned::<Moments>);
+        let records = bytes.chunks_exact(Moments::BYTES).map(|b| {
+            let mut r = [0u8; Moments::BYTES];
+            r.copy_from_slice(b);
+            Moments::from_le_bytes(r)
+        });
         for (m, r) in merged.iter_mut().zip(records) {
-            *m = m.merge(r);
+            *m = m.merge(r)?;
         }
     }
 
@@ -65,8 +67,9 @@ fn main() -> Result<(), batchnorm::Error> {
             "{c:>7} {:>15.4} {:>13.4} {:>15.6} {:>12.6}",
             mean[c], mm, var[c], mv
         );
-        let rel_var = ((mv - var[c]) / var[c]).abs() as f64;
-        let rel_mean = ((mm - mean[c]).abs() / (mean[c].abs() + var[c].sqrt())) as f64;
+        let (m1, v1) = (mean[c] as f64, var[c] as f64);
+        let rel_var = ((mv - v1) / v1).abs();
+        let rel_mean = (mm - m1).abs() / (m1.abs() + v1.sqrt());
         worst = worst.max(rel_var.max(rel_mean * 10.0));
     }
     println!(

@@ -18,11 +18,34 @@ pub enum Momentum {
 }
 
 impl Momentum {
-    /// The decay for the `batches`-th batch (counting from 1).
+    /// The decay `d` for the `batches`-th batch (counting from 1; 0 is taken
+    /// as 1).
     pub fn decay(&self, batches: u64) -> f32 {
+        self.factors(batches).0
+    }
+
+    /// The weight `1 - d` of the new batch for the `batches`-th batch.
+    /// [`Momentum::Cumulative`] forms `1 / batches` and `1 - 1 / batches`
+    /// each in `f64` and rounds once, so both stay within `f32` rounding of
+    /// exact for every `u64` count (forming `1 - (1 - 1/b)` in `f32` was 1.3%
+    /// off at a million batches and stuck at 0 after 2^25).
+    pub fn weight(&self, batches: u64) -> f32 {
+        self.factors(batches).1
+    }
+
+    /// `(decay, weight)`.
+    fn factors(&self, batches: u64) -> (f32, f32) {
         match *self {
-            Momentum::Decay(d) => d,
-            Momentum::Cumulative => 1.0 - (1.0 / batches.max(1) as f64) as f32,
+            // `1 - d` is exact in f32 for d in [0.5, 1] and matches ONNX
+            // Runtime (f32 momentum) bit for bit; Keras forms `1 -
+            // momentum` from the Python double 0.99 before rounding, so its
+            // weight differs from ours by 8e-9 and its moving mean by a few
+            // ulps (tests/golden.rs models this).
+            Momentum::Decay(d) => (d, 1.0 - d),
+            Momentum::Cumulative => {
+                let w = 1.0 / batches.max(1) as f64;
+                ((1.0 - w) as f32, w as f32)
+            }
         }
     }
 
@@ -139,86 +162,99 @@ impl Config {
     }
 }
 
-/// Updates the moving statistics with one batch's moments:
-/// `moving = moving * d + batch * (1 - d)`, where the variance fed in is the
-/// batch's population variance or, for [`Variance::Sample`], that times
-/// `count / (count - 1)` (factor 1 at `count == 1`). `batches` is the number
-/// of batches seen including this one (only [`Momentum::Cumulative`] reads
-/// it).
+/// The moving statistics of a layer: what it learns besides its parameters,
+/// saved and restored with the model (all three fields, plain data).
+///
+/// `batches` is the number of training batches seen; [`Momentum::Cumulative`]
+/// (PyTorch's `momentum=None`) weighs the `b`-th batch by `1 / b`, so a
+/// checkpoint that dropped it would restart the average. It saturates at
+/// `u64::MAX` instead of wrapping.
+///
+/// ```
+/// use batchnorm::{update_moving, Config, MovingStats};
+/// let (mut mean, mut variance) = ([0.0f32; 2], [1.0f32; 2]);
+/// let mut moving = MovingStats { mean: &mut mean, variance: &mut variance, batches: 0 };
+/// update_moving(&[2.0, 4.0], &[1.0, 9.0], 8, &Config::keras(), &mut moving)?;
+/// assert_eq!(moving.batches, 1);
+/// assert!((moving.mean[1] - 0.04).abs() < 1e-7); // 0 * 0.99 + 4 * 0.01
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
+#[derive(Debug, PartialEq)]
+pub struct MovingStats<'a> {
+    /// Moving mean, one per channel (Keras, PyTorch and ONNX start at 0).
+    pub mean: &'a mut [f32],
+    /// Moving variance, one per channel (the frameworks start at 1).
+    pub variance: &'a mut [f32],
+    /// Training batches seen.
+    pub batches: u64,
+}
+
+impl MovingStats<'_> {
+    /// Number of channels, `Err` for none or for two lengths.
+    pub(crate) fn channels(&self) -> Result<usize, Error> {
+        if self.mean.is_empty() {
+            return Err(Error::ZeroChannels);
+        }
+        check_len("moving.variance", self.variance.len(), self.mean.len())?;
+        Ok(self.mean.len())
+    }
+}
+
+/// Updates the moving statistics with one batch's moments and counts the
+/// batch: `moving = moving * d + batch * (1 - d)`, where the variance fed in
+/// is the batch's population variance or, for [`Variance::Sample`], that
+/// times `count / (count - 1)` (factor 1 at `count == 1`), and `count` is
+/// the number of elements per channel in the batch.
 ///
 /// Errors (nothing written): slices of different lengths, zero channels,
 /// `count == 0`, or an invalid config.
+///
+/// ```
+/// use batchnorm::{update_moving, Config, MovingStats};
+/// let (mut mean, mut variance) = ([0.0f32], [1.0f32]);
+/// let mut moving = MovingStats { mean: &mut mean, variance: &mut variance, batches: 0 };
+/// // PyTorch: momentum 0.1, Bessel's correction of a batch of 4
+/// update_moving(&[1.0], &[3.0], 4, &Config::pytorch(), &mut moving)?;
+/// assert!((moving.variance[0] - (0.9 + 0.1 * 4.0)).abs() < 1e-6);
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
 pub fn update_moving(
-    moving_mean: &mut [f32],
-    moving_variance: &mut [f32],
     batch_mean: &[f32],
     batch_variance: &[f32],
     count: u64,
-    batches: u64,
     config: &Config,
+    moving: &mut MovingStats<'_>,
 ) -> Result<(), Error> {
-    check_buffers(
-        moving_mean.len(),
-        moving_variance.len(),
-        batch_mean.len(),
-        batch_variance.len(),
-    )?;
+    let c = moving.channels()?;
+    check_len("batch_mean", batch_mean.len(), c)?;
+    check_len("batch_variance", batch_variance.len(), c)?;
     if count == 0 {
         return Err(Error::EmptyBatch);
     }
     config.validate()?;
-    apply(
-        moving_mean,
-        moving_variance,
-        batch_mean,
-        batch_variance,
-        count,
-        batches,
-        config,
-    );
+    apply(moving, batch_mean, batch_variance, count, config);
     Ok(())
 }
 
-/// The four per-channel buffers of a moving update (moving mean and
-/// variance, batch mean and variance) have one non-zero length.
-pub(crate) fn check_buffers(
-    moving_mean: usize,
-    moving_variance: usize,
-    batch_mean: usize,
-    batch_variance: usize,
-) -> Result<(), Error> {
-    if moving_mean == 0 {
-        return Err(Error::ZeroChannels);
-    }
-    check_len("moving_variance", moving_variance, moving_mean)?;
-    check_len("batch_mean", batch_mean, moving_mean)?;
-    check_len("batch_variance", batch_variance, moving_mean)
-}
-
-/// The update on validated input.
+/// The update on validated input; counts the batch.
 pub(crate) fn apply(
-    moving_mean: &mut [f32],
-    moving_variance: &mut [f32],
+    moving: &mut MovingStats<'_>,
     batch_mean: &[f32],
     batch_variance: &[f32],
     count: u64,
-    batches: u64,
     config: &Config,
 ) {
-    let d = config.momentum.decay(batches);
-    // `moving * d + batch * (1 - d)`, Keras' and ONNX's expression. `1 - d`
-    // is exact in f32 for d in [0.5, 1] and matches ONNX Runtime (f32
-    // momentum) bit for bit; Keras forms `1 - momentum` from the Python
-    // double 0.99 before rounding, so its weight differs from ours by 8e-9
-    // and its moving mean by a few ulps (tests/golden.rs models this).
-    let w = 1.0 - d;
+    moving.batches = moving.batches.saturating_add(1);
+    // `moving * d + batch * w`, Keras' and ONNX's expression.
+    let (d, w) = config.momentum.factors(moving.batches);
     let bessel = match config.moving_variance {
         Variance::Population => 1.0,
         Variance::Sample if count > 1 => (count as f64 / (count - 1) as f64) as f32,
         Variance::Sample => 1.0,
     };
-    for c in 0..moving_mean.len() {
-        moving_mean[c] = moving_mean[c] * d + batch_mean[c] * w;
-        moving_variance[c] = moving_variance[c] * d + batch_variance[c] * bessel * w;
+    let slots = moving.mean.iter_mut().zip(moving.variance.iter_mut());
+    for ((mm, mv), (&bm, &bv)) in slots.zip(batch_mean.iter().zip(batch_variance)) {
+        *mm = *mm * d + bm * w;
+        *mv = *mv * d + bv * bessel * w;
     }
 }

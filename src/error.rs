@@ -29,10 +29,13 @@ pub enum Error {
     },
     /// Statistics were asked of zero elements per channel.
     EmptyBatch,
-    /// `epsilon` is negative, NaN or infinite.
+    /// `epsilon` is zero, negative, NaN or infinite (with `epsilon = 0` a
+    /// constant channel would normalize to `0 / 0`).
     Epsilon(f32),
     /// A decay (or momentum) outside `[0, 1]`, or NaN.
     Decay(f32),
+    /// Merging statistics would take a count past `u64::MAX`.
+    CountOverflow,
     /// A `Clamp` activation whose bounds are NaN or have `min > max`.
     Clamp {
         /// Lower bound.
@@ -60,7 +63,8 @@ impl fmt::Display for Error {
                 "`{what}` has length {actual}, the shape needs {expected}"
             ),
             Error::EmptyBatch => f.write_str("statistics of an empty batch (count 0)"),
-            Error::Epsilon(e) => write!(f, "epsilon {e} is not finite and >= 0"),
+            Error::Epsilon(e) => write!(f, "epsilon {e} is not finite and > 0"),
+            Error::CountOverflow => f.write_str("merged element count overflows u64"),
             Error::Decay(d) => write!(f, "decay {d} is not in [0, 1]"),
             Error::Clamp { min, max } => {
                 write!(
@@ -87,9 +91,9 @@ pub(crate) fn check_len(what: &'static str, actual: usize, expected: usize) -> R
     }
 }
 
-/// `Err(Error::Epsilon)` unless `eps` is finite and non-negative.
+/// `Err(Error::Epsilon)` unless `eps` is finite and positive.
 pub(crate) fn check_epsilon(eps: f32) -> Result<(), Error> {
-    if eps.is_finite() && eps >= 0.0 {
+    if eps.is_finite() && eps > 0.0 {
         Ok(())
     } else {
         Err(Error::Epsilon(eps))

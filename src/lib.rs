@@ -30,10 +30,10 @@ mod normalize;
 pub mod reference;
 mod shape;
 
-pub use ema::{update_moving, Config, Momentum};
+pub use ema::{update_moving, Config, Momentum, MovingStats};
 pub use error::Error;
 pub use lanes::Simd;
-pub use layer::{BatchNorm, BatchNormArray};
+pub use layer::{Batch, BatchNorm, BatchNormArray, ScaleOffset};
 pub use moments::{accumulate, moments, Moments, BLOCK_ROWS, GROUP_CHANNELS};
 pub use normalize::{
     affine, affine_in_place, fold, normalize, normalize_in_place, Activation, Params, SEGMENT,

@@ -189,35 +189,38 @@ impl Acc {
 
 /// Mergeable per-channel statistics: `count`, `mean` and `m2 = Σ(x - mean)²`.
 ///
-/// The record stores `f32`s (merges compute in `f64` and round once), so a
-/// chain of merges keeps the DESIGN §3 bounds for channels with
-/// `|mean| <= 1e4 σ`; far beyond that the rounding of the stored mean,
-/// `ulp(mean)`, becomes comparable to `σ` and the merged `m2` degrades. A
-/// single [`accumulate`] or [`moments`] call keeps its own `f64` state and is
-/// not limited this way.
+/// The fields are `f64` because the record is an interchange format: an
+/// `f32` `m2` overflows on in-domain data (40,000 values of ±1e17 have
+/// `m2 ≈ 4e38`), and a chain of merges through `f32` fields loses the
+/// DESIGN §3 bounds once `|mean|` is far beyond `1e4 σ`. A record built by
+/// [`accumulate`] holds exactly the `f64` state the kernel keeps, so streamed
+/// and tree-merged records give the moments of one pass.
 ///
-/// `#[repr(C)]` and [`bytemuck::Pod`], 16 bytes with no padding, so records
-/// can be sent as bytes between threads, processes or the workers of a
-/// distributed job (through its own all-gather) and merged on arrival:
+/// `#[repr(C)]` and [`bytemuck::Pod`], 24 bytes with no padding (`count`,
+/// then `mean`, then `m2`, each little-endian on the wire when sent with
+/// [`Moments::to_le_bytes`]), so records can be sent as bytes between
+/// threads, processes or the workers of a distributed job (through its own
+/// all-gather) and merged on arrival:
 ///
 /// ```
 /// use batchnorm::{accumulate, Moments, Shape};
 /// let x: Vec<f32> = (0..600).map(|i| (i % 7) as f32).collect();
-/// let shape = Shape::rows(200, 3);
 /// let (a, b) = x.split_at(300);
 /// let mut left = [Moments::EMPTY; 3];
 /// let mut right = [Moments::EMPTY; 3];
-/// accumulate(a, Shape::rows(100, 3), &mut left).unwrap();
-/// accumulate(b, Shape::rows(100, 3), &mut right).unwrap();
-/// let wire: &[u8] = bytemuck::cast_slice(&right);
-/// let received: &[Moments] = bytemuck::cast_slice(wire);
+/// accumulate(a, Shape::rows(100, 3), &mut left)?;
+/// accumulate(b, Shape::rows(100, 3), &mut right)?;
+/// // what a worker sends: 24 bytes per channel
+/// let wire: Vec<u8> = right.iter().flat_map(|m| m.to_le_bytes()).collect();
 /// let mut whole = [Moments::EMPTY; 3];
-/// accumulate(&x, shape, &mut whole).unwrap();
-/// for c in 0..3 {
-///     let merged = left[c].merge(received[c]);
+/// accumulate(&x, Shape::rows(200, 3), &mut whole)?;
+/// for (c, bytes) in wire.chunks_exact(24).enumerate() {
+///     let received = Moments::from_le_bytes(bytes.try_into().unwrap());
+///     let merged = left[c].merge(received)?;
 ///     assert_eq!(merged.count, whole[c].count);
-///     assert!((merged.mean - whole[c].mean).abs() < 1e-6);
+///     assert!((merged.mean - whole[c].mean).abs() < 1e-12);
 /// }
+/// # Ok::<(), batchnorm::Error>(())
 /// ```
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -225,9 +228,9 @@ pub struct Moments {
     /// Number of elements seen.
     pub count: u64,
     /// Their mean (0 when `count == 0`).
-    pub mean: f32,
+    pub mean: f64,
     /// Sum of squared deviations from the mean.
-    pub m2: f32,
+    pub m2: f64,
 }
 
 impl Moments {
@@ -238,15 +241,35 @@ impl Moments {
         m2: 0.0,
     };
 
-    /// Merges two records with Chan's formula (computed in `f64`, rounded
-    /// once): the result is the record of both element sets.
-    #[must_use]
-    pub fn merge(self, other: Moments) -> Moments {
-        Moments::from_acc(Acc::from(self).merge(Acc::from(other)))
+    /// Size of a record on the wire.
+    pub const BYTES: usize = 24;
+
+    /// Merges two records with Chan's formula: the result is the record of
+    /// both element sets, whichever order they are merged in (up to `f64`
+    /// rounding).
+    ///
+    /// Errors: [`Error::CountOverflow`] when the counts add up to more than
+    /// `u64::MAX` (nothing wraps).
+    ///
+    /// ```
+    /// use batchnorm::{Error, Moments};
+    /// let a = Moments { count: 2, mean: 1.0, m2: 2.0 }; // {0, 2}
+    /// let b = Moments { count: 1, mean: 4.0, m2: 0.0 }; // {4}
+    /// let ab = a.merge(b)?;
+    /// assert_eq!((ab.count, ab.mean, ab.m2), (3, 2.0, 8.0));
+    /// let full = Moments { count: u64::MAX, ..a };
+    /// assert_eq!(full.merge(b), Err(Error::CountOverflow));
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn merge(self, other: Moments) -> Result<Moments, Error> {
+        if self.count.checked_add(other.count).is_none() {
+            return Err(Error::CountOverflow);
+        }
+        Ok(Moments::from(Acc::from(self).merge(Acc::from(other))))
     }
 
     /// The mean, or [`Error::EmptyBatch`] for an empty record.
-    pub fn mean(&self) -> Result<f32, Error> {
+    pub fn mean(&self) -> Result<f64, Error> {
         if self.count == 0 {
             return Err(Error::EmptyBatch);
         }
@@ -256,18 +279,49 @@ impl Moments {
     /// The population variance `m2 / count` or the sample variance
     /// `m2 / (count - 1)` (factor 1 at `count == 1`, as TensorFlow clamps it),
     /// or [`Error::EmptyBatch`] for an empty record.
-    pub fn variance(&self, kind: Variance) -> Result<f32, Error> {
+    ///
+    /// ```
+    /// use batchnorm::{Moments, Variance};
+    /// let r = Moments { count: 4, mean: 0.0, m2: 12.0 };
+    /// assert_eq!(r.variance(Variance::Population), Ok(3.0));
+    /// assert_eq!(r.variance(Variance::Sample), Ok(4.0));
+    /// ```
+    pub fn variance(&self, kind: Variance) -> Result<f64, Error> {
         if self.count == 0 {
             return Err(Error::EmptyBatch);
         }
-        Ok(Acc::from(*self).variance(kind) as f32)
+        Ok(Acc::from(*self).variance(kind))
     }
 
-    pub(crate) fn from_acc(a: Acc) -> Moments {
+    /// The record as 24 little-endian bytes: `count`, `mean`, `m2`.
+    pub fn to_le_bytes(&self) -> [u8; 24] {
+        let words = [
+            self.count.to_le_bytes(),
+            self.mean.to_le_bytes(),
+            self.m2.to_le_bytes(),
+        ];
+        bytemuck::cast(words)
+    }
+
+    /// The record from [`to_le_bytes`](Moments::to_le_bytes)'s layout.
+    pub fn from_le_bytes(bytes: [u8; 24]) -> Moments {
+        let [count, mean, m2]: [[u8; 8]; 3] = bytemuck::cast(bytes);
+        Moments {
+            count: u64::from_le_bytes(count),
+            mean: f64::from_le_bytes(mean),
+            m2: f64::from_le_bytes(m2),
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<Moments>() == Moments::BYTES);
+
+impl From<Acc> for Moments {
+    fn from(a: Acc) -> Moments {
         Moments {
             count: a.n,
-            mean: a.mean as f32,
-            m2: a.m2 as f32,
+            mean: a.mean,
+            m2: a.m2,
         }
     }
 }
@@ -276,8 +330,8 @@ impl From<Moments> for Acc {
     fn from(m: Moments) -> Acc {
         Acc {
             n: m.count,
-            mean: m.mean as f64,
-            m2: m.m2 as f64,
+            mean: m.mean,
+            m2: m.m2,
         }
     }
 }
@@ -313,7 +367,8 @@ pub fn moments(
 ///
 /// An empty chunk (`batch * spatial == 0`) leaves the records as they are.
 /// Errors (nothing written): a slice length that does not match `shape`, zero
-/// channels, or an overflowing shape.
+/// channels, an overflowing shape, or [`Error::CountOverflow`] when a
+/// record's count would pass `u64::MAX`.
 pub fn accumulate(x: &[f32], shape: Shape, into: &mut [Moments]) -> Result<(), Error> {
     Simd::detect().accumulate(x, shape, into)
 }
@@ -343,11 +398,17 @@ impl Simd {
     pub fn accumulate(self, x: &[f32], shape: Shape, into: &mut [Moments]) -> Result<(), Error> {
         shape.check("x", x.len())?;
         shape.check_channels("into", into.len())?;
-        if shape.count()? == 0 {
+        let count = shape.count()? as u64;
+        if count == 0 {
             return Ok(());
         }
+        if into.iter().any(|m| m.count.checked_add(count).is_none()) {
+            return Err(Error::CountOverflow);
+        }
         run(self, x, shape, &mut |c, acc| {
-            into[c] = Moments::from_acc(Acc::from(into[c]).merge(acc));
+            if let Some(m) = into.get_mut(c) {
+                *m = Moments::from(Acc::from(*m).merge(acc));
+            }
         });
         Ok(())
     }

@@ -345,7 +345,7 @@ pub struct Params<'a> {
     pub scale: Option<&'a [f32]>,
     /// Per-channel offset (`beta`); `None` means 0.
     pub offset: Option<&'a [f32]>,
-    /// Added to the variance under the square root; finite and `>= 0`.
+    /// Added to the variance under the square root; finite and `> 0`.
     pub epsilon: f32,
     /// Applied to the normalized value.
     pub activation: Activation,
@@ -371,7 +371,7 @@ impl Params<'_> {
 /// of tensors). `scale` defaults to 1 and `offset` to 0.
 ///
 /// Errors (nothing written): a slice whose length differs from `mean`'s,
-/// zero channels, or an `epsilon` that is negative or not finite.
+/// zero channels, or an `epsilon` that is not finite and positive.
 pub fn fold(
     mean: &[f32],
     variance: &[f32],

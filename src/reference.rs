@@ -341,13 +341,19 @@ pub fn update_moving(
     batches: u64,
     config: &crate::Config,
 ) -> (f64, f64) {
-    let d = config.momentum.decay(batches) as f64;
+    let (d, w) = match config.momentum {
+        crate::Momentum::Decay(d) => (d as f64, 1.0 - d as f64),
+        crate::Momentum::Cumulative => {
+            let w = 1.0 / batches.max(1) as f64;
+            (1.0 - w, w)
+        }
+    };
     let bessel = match config.moving_variance {
         crate::Variance::Sample if count > 1 => count as f64 / (count - 1) as f64,
         _ => 1.0,
     };
     (
-        moving.0 as f64 * d + batch.0 as f64 * (1.0 - d),
-        moving.1 as f64 * d + batch.1 as f64 * bessel * (1.0 - d),
+        moving.0 as f64 * d + batch.0 as f64 * w,
+        moving.1 as f64 * d + batch.1 as f64 * bessel * w,
     )
 }

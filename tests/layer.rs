@@ -3,8 +3,8 @@
 mod common;
 
 use batchnorm::{
-    moments, normalize, update_moving, Activation, BatchNorm, BatchNormArray, Config, Error,
-    Momentum, Params, Shape, Simd, Variance,
+    moments, normalize, update_moving, Activation, Batch, BatchNorm, BatchNormArray, Config, Error,
+    Momentum, MovingStats, Params, ScaleOffset, Shape, Simd, Variance,
 };
 use common::*;
 
@@ -71,15 +71,19 @@ fn train_is_moments_then_normalize_then_update() {
                 let (mut bm, mut bv) = (vec![0.0; c], vec![0.0; c]);
                 let mut y = vec![0.0; x.len()];
                 {
-                    let mut bn = BatchNorm::new(config, &mut mm, &mut mv, &mut bm, &mut bv)
-                        .unwrap()
-                        .with_scale(&scale)
-                        .unwrap()
-                        .with_offset(&offset)
-                        .unwrap()
-                        .with_simd(simd);
-                    bn.train(&x, &mut y, shape).unwrap();
-                    assert_eq!(bn.batches(), 1);
+                    let moving = MovingStats {
+                        mean: &mut mm,
+                        variance: &mut mv,
+                        batches: 0,
+                    };
+                    let mut bn = BatchNorm::new(config, moving).unwrap().with_simd(simd);
+                    let mut batch = Batch {
+                        mean: &mut bm,
+                        variance: &mut bv,
+                    };
+                    let so = ScaleOffset::new(&scale, &offset);
+                    bn.train(&x, &mut y, shape, so, &mut batch).unwrap();
+                    assert_eq!(bn.moving().batches, 1);
                 }
                 // The same three steps by hand, with the same width.
                 let (mut m, mut v) = (vec![0.0; c], vec![0.0; c]);
@@ -98,7 +102,13 @@ fn train_is_moments_then_normalize_then_update() {
                 assert_eq!(y, y2);
                 let (mut mm2, mut mv2) = (mm0.clone(), mv0.clone());
                 let count = (shape.batch * shape.spatial) as u64;
-                update_moving(&mut mm2, &mut mv2, &m, &v, count, 1, &config).unwrap();
+                let mut moving = MovingStats {
+                    mean: &mut mm2,
+                    variance: &mut mv2,
+                    batches: 0,
+                };
+                update_moving(&m, &v, count, &config, &mut moving).unwrap();
+                assert_eq!(moving.batches, 1);
                 assert_eq!((&mm, &mv), (&mm2, &mv2));
                 // And the update against the f64 reference.
                 for ch in 0..c {
@@ -128,10 +138,14 @@ fn infer_uses_the_moving_statistics() {
     let shape = Shape::nhwc(2, 3, 4);
     let x: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
     let (mut mm, mut mv) = ([1.0, 2.0, -1.0, 0.0], [4.0, 0.25, 1.0, 9.0]);
-    let (mut bm, mut bv) = ([0.0; 4], [0.0; 4]);
-    let bn = BatchNorm::new(Config::onnx(), &mut mm, &mut mv, &mut bm, &mut bv).unwrap();
+    let moving = MovingStats {
+        mean: &mut mm,
+        variance: &mut mv,
+        batches: 7,
+    };
+    let bn = BatchNorm::new(Config::onnx(), moving).unwrap();
     let mut y = vec![0.0; 24];
-    bn.infer(&x, &mut y, shape).unwrap();
+    bn.infer(&x, &mut y, shape, ScaleOffset::NONE).unwrap();
     let p = Params {
         mean: &[1.0, 2.0, -1.0, 0.0],
         variance: &[4.0, 0.25, 1.0, 9.0],
@@ -144,19 +158,36 @@ fn infer_uses_the_moving_statistics() {
     normalize(&x, &mut y2, shape, &p).unwrap();
     assert_eq!(y, y2);
     let mut z = x.clone();
-    bn.infer_in_place(&mut z, shape).unwrap();
+    bn.infer_in_place(&mut z, shape, ScaleOffset::NONE).unwrap();
     assert_eq!(y, z);
+    // A frozen owned layer infers through `&self`, and gives the same bits.
+    let frozen = BatchNormArray::from_state(
+        Config::onnx(),
+        [1.0, 2.0, -1.0, 0.0],
+        [4.0, 0.25, 1.0, 9.0],
+        7,
+    );
+    let mut w = vec![0.0; 24];
+    frozen.infer(&x, &mut w, shape).unwrap();
+    assert_eq!(y, w);
+    assert_eq!(bn.moving().batches, 7);
 }
 
 #[test]
 fn bessel_factor_and_its_clamp_at_one_element() {
     let cfg = Config::pytorch_momentum(Some(1.0)); // decay 0: overwrite
     let (mut mm, mut mv) = ([0.0f32], [1.0f32]);
-    update_moving(&mut mm, &mut mv, &[3.0], &[2.0], 4, 1, &cfg).unwrap();
-    assert_eq!((mm[0], mv[0]), (3.0, 2.0 * 4.0 / 3.0));
-    update_moving(&mut mm, &mut mv, &[5.0], &[0.0], 1, 2, &cfg).unwrap();
-    assert_eq!((mm[0], mv[0]), (5.0, 0.0)); // factor 1, not a NaN
-                                            // A single-element batch through the layer: variance 0, moving variance finite.
+    let mut moving = MovingStats {
+        mean: &mut mm,
+        variance: &mut mv,
+        batches: 0,
+    };
+    update_moving(&[3.0], &[2.0], 4, &cfg, &mut moving).unwrap();
+    assert_eq!((moving.mean[0], moving.variance[0]), (3.0, 2.0 * 4.0 / 3.0));
+    update_moving(&[5.0], &[0.0], 1, &cfg, &mut moving).unwrap();
+    // factor 1, not a NaN
+    assert_eq!((moving.mean[0], moving.variance[0]), (5.0, 0.0));
+    // A single-element batch through the layer: variance 0, moving variance finite.
     let mut bn = BatchNormArray::<2>::new(Config::tf_fused(0.5));
     let mut y = [0.0; 2];
     bn.train(&[4.0, -4.0], &mut y, Shape::rows(1, 2)).unwrap();
@@ -225,19 +256,29 @@ fn nan_poisons_only_its_channel() {
             let mut layer_y = y.clone();
             {
                 let (mut mm, mut mv, mut bm, mut bv) = ([0.0; 5], [1.0; 5], [0.0; 5], [0.0; 5]);
-                let mut l = BatchNorm::new(Config::keras(), &mut mm, &mut mv, &mut bm, &mut bv)
+                let moving = MovingStats {
+                    mean: &mut mm,
+                    variance: &mut mv,
+                    batches: 0,
+                };
+                let mut l = BatchNorm::new(Config::keras(), moving)
                     .unwrap()
                     .with_simd(simd);
-                l.train(&x, &mut layer_y, shape).unwrap();
+                let mut batch = Batch {
+                    mean: &mut bm,
+                    variance: &mut bv,
+                };
+                l.train(&x, &mut layer_y, shape, ScaleOffset::NONE, &mut batch)
+                    .unwrap();
                 for c in 0..5 {
                     let poisoned = c == bad || c == inf;
                     assert_eq!(
-                        l.batch_variance()[c].is_nan(),
+                        batch.variance[c].is_nan(),
                         poisoned,
                         "{simd:?} {shape:?} c={c}"
                     );
-                    assert_eq!(l.moving_variance()[c].is_nan(), poisoned);
-                    assert_eq!(l.batch_mean()[c].is_finite(), !poisoned);
+                    assert_eq!(l.moving().variance[c].is_nan(), poisoned);
+                    assert_eq!(batch.mean[c].is_finite(), !poisoned);
                 }
             }
             bn.train(&x, &mut y, shape).unwrap();
@@ -318,8 +359,9 @@ fn errors_write_nothing() {
             mk(f32::INFINITY, Activation::None),
             Error::Epsilon(f32::INFINITY),
         ),
+        (mk(0.0, Activation::None), Error::Epsilon(0.0)),
         (
-            mk(0.0, Activation::Clamp { min: 1.0, max: 0.0 }),
+            mk(1e-3, Activation::Clamp { min: 1.0, max: 0.0 }),
             Error::Clamp { min: 1.0, max: 0.0 },
         ),
     ] {
@@ -330,7 +372,7 @@ fn errors_write_nothing() {
     assert!(matches!(normalize(&x, &mut y, shape, &p), Err(Error::Epsilon(e)) if e.is_nan()));
     let p = Params {
         scale: Some(&[1.0; 2]),
-        ..mk(0.0, Activation::None)
+        ..mk(1e-3, Activation::None)
     };
     assert_eq!(
         normalize(&x, &mut y, shape, &p),
@@ -344,33 +386,72 @@ fn errors_write_nothing() {
 
     // The layer: state untouched by a bad call.
     let (mut mm, mut mv, mut bm, mut bv) = ([0.5f32; 3], [2.0f32; 3], [sentinel; 3], [sentinel; 3]);
-    let mut bn = BatchNorm::new(Config::keras(), &mut mm, &mut mv, &mut bm, &mut bv).unwrap();
+    let moving = MovingStats {
+        mean: &mut mm,
+        variance: &mut mv,
+        batches: 4,
+    };
+    let mut bn = BatchNorm::new(Config::keras(), moving).unwrap();
+    let (gamma, beta) = ([1.0f32; 3], [0.0f32; 3]);
+    let untouched = |bn: &BatchNorm<'_>, batch: &Batch<'_>| {
+        assert_eq!(
+            (&*bn.moving().mean, &*bn.moving().variance),
+            (&[0.5f32; 3][..], &[2.0f32; 3][..])
+        );
+        assert_eq!(bn.moving().batches, 4);
+        assert_eq!(
+            (&*batch.mean, &*batch.variance),
+            (&[sentinel; 3][..], &[sentinel; 3][..])
+        );
+    };
+    let mut batch = Batch {
+        mean: &mut bm,
+        variance: &mut bv,
+    };
     for (xs, s) in [
         (&x[..12], Shape::nhwc(2, 2, 4)),
         (&x[..11], shape),
         (&x[..0], Shape::nhwc(0, 1, 3)),
     ] {
-        assert!(bn.train(xs, &mut y, s).is_err());
+        assert!(bn
+            .train(xs, &mut y, s, ScaleOffset::NONE, &mut batch)
+            .is_err());
         assert_eq!(y, [sentinel; 12]);
-        assert_eq!(
-            (bn.moving_mean(), bn.moving_variance()),
-            (&[0.5f32; 3][..], &[2.0f32; 3][..])
-        );
-        assert_eq!(
-            (bn.batch_mean(), bn.batch_variance()),
-            (&[sentinel; 3][..], &[sentinel; 3][..])
-        );
-        assert_eq!(bn.batches(), 0);
+        untouched(&bn, &batch);
     }
-    assert!(bn.train(&x, &mut y[..11], shape).is_err());
-    assert_eq!(bn.batches(), 0);
-    assert_eq!(bn.batch_mean(), &[sentinel; 3][..]);
+    let so = ScaleOffset::new(&gamma, &beta);
+    assert!(bn.train(&x, &mut y[..11], shape, so, &mut batch).is_err());
+    let short = ScaleOffset::new(&gamma[..2], &beta);
+    assert!(bn.train(&x, &mut y, shape, short, &mut batch).is_err());
+    assert!(bn.infer(&x, &mut y, shape, short).is_err());
+    let mut z = x;
+    assert!(bn.train_in_place(&mut z, shape, short, &mut batch).is_err());
+    assert_eq!(z, x);
+    assert_eq!(y, [sentinel; 12]);
+    untouched(&bn, &batch);
+    let (mut bm2, mut bv2) = ([sentinel; 2], [sentinel; 3]);
+    let mut short_batch = Batch {
+        mean: &mut bm2,
+        variance: &mut bv2,
+    };
+    assert_eq!(
+        bn.train(&x, &mut y, shape, so, &mut short_batch),
+        Err(Error::Length {
+            what: "batch.mean",
+            expected: 3,
+            actual: 2
+        })
+    );
+    assert_eq!((bm2, bv2), ([sentinel; 2], [sentinel; 3]));
+    assert_eq!(y, [sentinel; 12]);
+    untouched(&bn, &batch);
 
     // Bad configs are refused up front.
-    let (mut a, mut b, mut c, mut d) = ([0.0f32; 1], [1.0f32; 1], [0.0f32; 1], [0.0f32; 1]);
+    let (mut a, mut b) = ([0.0f32; 1], [1.0f32; 1]);
     for cfg in [
         Config::tf_fused(2.0),
         Config::keras().with_epsilon(-1e-3),
+        Config::keras().with_epsilon(0.0),
         Config {
             momentum: Momentum::Decay(f32::NAN),
             ..Config::onnx()
@@ -380,14 +461,43 @@ fn errors_write_nothing() {
             max: 1.0,
         }),
     ] {
-        assert!(BatchNorm::new(cfg, &mut a, &mut b, &mut c, &mut d).is_err());
-        assert!(update_moving(&mut a, &mut b, &[1.0], &[1.0], 2, 1, &cfg).is_err());
+        let moving = MovingStats {
+            mean: &mut a,
+            variance: &mut b,
+            batches: 0,
+        };
+        assert!(BatchNorm::new(cfg, moving).is_err());
+        let mut moving = MovingStats {
+            mean: &mut a,
+            variance: &mut b,
+            batches: 0,
+        };
+        assert!(update_moving(&[1.0], &[1.0], 2, &cfg, &mut moving).is_err());
+        assert_eq!(moving.batches, 0);
         assert_eq!((a, b), ([0.0], [1.0]));
+        let frozen = BatchNormArray::<1>::new(cfg);
+        let mut out = [sentinel];
+        assert!(frozen.infer(&[1.0], &mut out, Shape::rows(1, 1)).is_err());
+        assert_eq!(out, [sentinel]);
     }
+    let mut moving = MovingStats {
+        mean: &mut a,
+        variance: &mut b,
+        batches: 0,
+    };
     assert_eq!(
-        update_moving(&mut a, &mut b, &[1.0], &[1.0], 0, 1, &Config::keras()),
+        update_moving(&[1.0], &[1.0], 0, &Config::keras(), &mut moving),
         Err(Error::EmptyBatch)
     );
+    assert_eq!(
+        update_moving(&[1.0, 2.0], &[1.0], 3, &Config::keras(), &mut moving),
+        Err(Error::Length {
+            what: "batch_mean",
+            expected: 1,
+            actual: 2
+        })
+    );
+    assert_eq!(moving.batches, 0);
     assert_eq!((a, b), ([0.0], [1.0]));
 }
 
@@ -401,4 +511,178 @@ fn errors_display_expected_and_actual() {
     assert_eq!(e.to_string(), "`y` has length 11, the shape needs 12");
     let e: &dyn std::error::Error = &Error::EmptyBatch;
     assert!(e.to_string().contains("empty"));
+}
+
+/// Issue 12: 40,000 alternating ±1e17 values (inside the §3 domain) made an
+/// `f32` record's `m2` infinite while `moments()` gave a variance of 1e34.
+#[test]
+fn record_of_plus_minus_1e17_stays_finite() {
+    let x: Vec<f32> = (0..40_000)
+        .map(|i| if i % 2 == 0 { 1e17 } else { -1e17 })
+        .collect();
+    let shape = Shape::rows(40_000, 1);
+    for simd in Simd::ALL {
+        let mut rec = [batchnorm::Moments::EMPTY];
+        simd.accumulate(&x, shape, &mut rec).unwrap();
+        let v = rec[0].variance(Variance::Population).unwrap();
+        assert!((v - 1e34).abs() <= 1e-5 * 1e34, "{simd:?}: {v:e}");
+        assert!(rec[0].m2.is_finite());
+        // Streamed in two halves and merged: the same.
+        let (mut a, mut b) = ([batchnorm::Moments::EMPTY], [batchnorm::Moments::EMPTY]);
+        let half = Shape::rows(20_000, 1);
+        simd.accumulate(&x[..20_000], half, &mut a).unwrap();
+        simd.accumulate(&x[20_000..], half, &mut b).unwrap();
+        let m = a[0].merge(b[0]).unwrap();
+        assert_eq!(m.count, 40_000);
+        let v = m.variance(Variance::Population).unwrap();
+        assert!((v - 1e34).abs() <= 1e-5 * 1e34, "{simd:?} merged: {v:e}");
+    }
+}
+
+/// Issue 12: counts never wrap. A merge or an `accumulate` that would pass
+/// `u64::MAX` is an error and writes nothing.
+#[test]
+fn record_counts_never_wrap() {
+    use batchnorm::Moments;
+    let full = Moments {
+        count: u64::MAX,
+        mean: 1.0,
+        m2: 0.0,
+    };
+    let one = Moments {
+        count: 1,
+        mean: 2.0,
+        m2: 0.0,
+    };
+    assert_eq!(full.merge(one), Err(Error::CountOverflow));
+    assert_eq!(one.merge(full), Err(Error::CountOverflow));
+    assert_eq!(full.merge(Moments::EMPTY), Ok(full));
+    let mut recs = [one, full];
+    assert_eq!(
+        batchnorm::accumulate(&[1.0, 2.0], Shape::rows(1, 2), &mut recs),
+        Err(Error::CountOverflow)
+    );
+    assert_eq!(recs, [one, full]);
+    // The wire format round-trips bit for bit.
+    let r = Moments {
+        count: 0x0102_0304_0506_0708,
+        mean: -1.5e300,
+        m2: f64::NAN,
+    };
+    let b = r.to_le_bytes();
+    assert_eq!(b[0], 0x08);
+    assert_eq!(&b[8..16], &(-1.5e300f64).to_le_bytes());
+    let back = Moments::from_le_bytes(b);
+    assert_eq!(
+        (back.count, back.mean.to_bits(), back.m2.to_bits()),
+        (r.count, r.mean.to_bits(), r.m2.to_bits())
+    );
+    assert_eq!(core::mem::size_of::<Moments>(), 24);
+}
+
+/// Issue 12: the cumulative factor `1 / b` was formed as `1 - (1 - 1/b)` in
+/// `f32` (1.3% off at a million batches, 0 after 2^25). It is now within
+/// `f32` rounding of exact for every count, and the batch counter saturates.
+#[test]
+fn cumulative_factor_is_exact_for_any_count_and_the_counter_saturates() {
+    let m = Momentum::Cumulative;
+    for b in [
+        1u64,
+        2,
+        3,
+        7,
+        1_000_000,
+        1 << 25,
+        (1 << 25) + 1,
+        1 << 40,
+        u64::MAX,
+    ] {
+        let exact = 1.0 / b as f64;
+        let w = m.weight(b) as f64;
+        assert!(
+            (w - exact).abs() <= exact * f32::EPSILON as f64 / 2.0,
+            "b = {b}: {w:e}"
+        );
+        let d = m.decay(b) as f64;
+        assert!(
+            (d - (1.0 - exact)).abs() <= f32::EPSILON as f64 / 2.0,
+            "b = {b}"
+        );
+    }
+    // A moving mean restored after a million batches follows a new batch
+    // by exactly 1 / (b + 1).
+    let cfg = Config::pytorch_momentum(None);
+    let (mut mm, mut mv) = ([0.0f32], [0.0f32]);
+    let mut moving = MovingStats {
+        mean: &mut mm,
+        variance: &mut mv,
+        batches: 999_999,
+    };
+    update_moving(&[1.0], &[0.0], 2, &cfg, &mut moving).unwrap();
+    assert_eq!(moving.batches, 1_000_000);
+    assert!((moving.mean[0] as f64 - 1e-6).abs() <= 1e-6 * f32::EPSILON as f64);
+    // Saturation, not a wrap (nor a debug panic).
+    moving.batches = u64::MAX;
+    update_moving(&[1.0], &[0.0], 2, &cfg, &mut moving).unwrap();
+    assert_eq!(moving.batches, u64::MAX);
+    let mut arr = BatchNormArray::<1>::from_state(Config::keras(), [0.0], [1.0], u64::MAX);
+    arr.train(&[1.0, 2.0], &mut [0.0; 2], Shape::rows(2, 1))
+        .unwrap();
+    assert_eq!(arr.batches, u64::MAX);
+}
+
+/// Issue 13: one layer lives across optimizer steps on `scale` and
+/// `offset` (which it no longer borrows), and its state can be saved and
+/// restored mid-training with the same result as an uninterrupted run.
+#[test]
+fn layer_survives_optimizer_steps_and_a_checkpoint() {
+    let shape = Shape::nchw(4, 3, 5);
+    let mut rng = Rng::new(17);
+    let batches: Vec<Vec<f32>> = (0..6)
+        .map(|_| channel_data(&mut rng, shape, &[1.0, -2.0, 0.5], &[1.0, 3.0, 0.1]))
+        .collect();
+    let cfg = Config::pytorch_momentum(None);
+    let run = |checkpoint_at: Option<usize>| {
+        let (mut mm, mut mv) = (vec![0.0f32; 3], vec![1.0f32; 3]);
+        let (mut gamma, mut beta) = (vec![1.0f32; 3], vec![0.0f32; 3]);
+        let (mut bm, mut bv) = (vec![0.0f32; 3], vec![0.0f32; 3]);
+        let mut y = vec![0.0f32; shape.batch * shape.spatial * 3];
+        let mut saved_batches = 0;
+        let mut i = 0;
+        while i < batches.len() {
+            let moving = MovingStats {
+                mean: &mut mm,
+                variance: &mut mv,
+                batches: saved_batches,
+            };
+            let mut bn = BatchNorm::new(cfg, moving).unwrap();
+            while i < batches.len() {
+                let mut batch = Batch {
+                    mean: &mut bm,
+                    variance: &mut bv,
+                };
+                let so = ScaleOffset::new(&gamma, &beta);
+                bn.train(&batches[i], &mut y, shape, so, &mut batch)
+                    .unwrap();
+                // A plain SGD step on the parameters the layer just used.
+                for c in 0..3 {
+                    gamma[c] -= 0.01 * y[c];
+                    beta[c] += 0.01;
+                }
+                i += 1;
+                if checkpoint_at == Some(i) {
+                    break;
+                }
+            }
+            // What a checkpoint keeps: the moving statistics (in `mm`,
+            // `mv` once the layer is gone) and the batch count.
+            saved_batches = bn.into_moving().batches;
+        }
+        (mm, mv, saved_batches, gamma)
+    };
+    let whole = run(None);
+    assert_eq!(whole.2, 6);
+    for k in 1..6 {
+        assert_eq!(run(Some(k)), whole, "checkpoint after step {k}");
+    }
 }
