@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 #![warn(clippy::all)]
 
+mod backward;
 mod ema;
 mod error;
 mod lanes;
@@ -30,6 +31,7 @@ mod normalize;
 pub mod reference;
 mod shape;
 
+pub use backward::{backward, backward_in_place, Gradients, Mode};
 pub use ema::{update_moving, Config, Momentum};
 pub use error::Error;
 pub use lanes::Simd;
