@@ -24,6 +24,7 @@
 mod backward;
 mod ema;
 mod error;
+mod fold;
 mod lanes;
 mod layer;
 mod moments;
@@ -34,6 +35,7 @@ mod shape;
 pub use backward::{backward, backward_in_place, Gradients, Mode};
 pub use ema::{update_moving, Config, Momentum};
 pub use error::Error;
+pub use fold::{fold_into_weights, WeightLayout};
 pub use lanes::Simd;
 pub use layer::{BatchNorm, BatchNormArray};
 pub use moments::{accumulate, moments, Moments, BLOCK_ROWS, GROUP_CHANNELS};

@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)]
 //! The backward pass against the `f64` reference (`reference::check_backward`,
 //! the bounds of the `backward` module docs): every width, both layouts,
 //! channel counts and lengths around the lane width, misaligned slices,
