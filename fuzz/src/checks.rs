@@ -13,8 +13,8 @@
 
 use batchnorm::reference::{self, Domain, Mismatch};
 use batchnorm::{
-    Activation, Batch, BatchNorm, BatchNormArray, Config, Error, Gradients, Layout, Mode,
-    Moments, Momentum, MovingStats, Params, ScaleOffset, Shape, Simd, Variance, WeightLayout,
+    Activation, Batch, BatchNorm, BatchNormArray, Config, Error, Gradients, Layout, Mode, Moments,
+    Momentum, MovingStats, Params, ScaleOffset, Shape, Simd, Variance, WeightLayout,
 };
 
 /// Largest tensor a case decodes to (keeps an execution around a millisecond
