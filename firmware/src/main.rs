@@ -203,13 +203,13 @@ fn main() -> ! {
     }
     hprintln!();
     hprintln!(
-        "{:<28} {:>6} {:>9}  worst shape",
+        "{:<28} {:>6} {:>9}  first shape at the max",
         "kernel",
         "calls",
         "stack B"
     );
     let mut ok = true;
-    for i in 0..NAMES.len() {
+    for (i, name) in NAMES.iter().enumerate() {
         let verdict = if r.fails[i] == 0 && r.calls[i] > 0 {
             "PASS"
         } else {
@@ -221,7 +221,7 @@ fn main() -> ! {
             Some(s) if stack != usize::MAX => hprintln!(
                 "{} {:<28} {:>6} {:>9}  {:?} {}x{}x{}",
                 verdict,
-                NAMES[i],
+                name,
                 r.calls[i],
                 stack,
                 s.layout,
@@ -232,7 +232,7 @@ fn main() -> ! {
             _ => hprintln!(
                 "{} {:<28} {:>6} {:>9}  (over the painted {} B)",
                 verdict,
-                NAMES[i],
+                name,
                 r.calls[i],
                 ">",
                 batchnorm_firmware::PAINTED
