@@ -790,10 +790,11 @@ fn periodic<V: Lane, A: Act, IO: Io>(
         let per = lcm / period;
         let supers = rows / per;
         let (pa_, pb_) = (&pa[..lcm], &pb[..lcm]);
-        match lcm / w {
-            // A compact build keeps the flash of the register kernels for
-            // the shortest patterns (one to four channels, RGB included).
-            5.. if COMPACT => pattern_rows::<V, A, IO>(io, 0, supers, lcm, pa_, pb_, act),
+        // A compact build keeps the flash of the register kernels for the
+        // shortest patterns only (one to four vectors: one to four
+        // channels, RGB included); 0 takes the last arm.
+        let nv = if COMPACT && lcm / w > 4 { 0 } else { lcm / w };
+        match nv {
             // A short pattern lives in registers: one load per vector.
             1 => super_rows::<V, A, IO, 1>(io, supers, pa_, pb_, act),
             2 => super_rows::<V, A, IO, 2>(io, supers, pa_, pb_, act),
