@@ -536,6 +536,16 @@ fn periodic<V: Lane>(
     emit: &mut impl FnMut(usize, Acc),
 ) {
     let lcm = period / gcd(period, V::WIDTH) * V::WIDTH;
+    if SMALL_STACK && lcm > WINDOW && period < V::WIDTH {
+        // A super-row longer than the window but a row shorter than a
+        // vector (e.g. 5 or 15 positions with sixteen lanes): a window of
+        // whole channels would be narrower than one vector, so the row is
+        // walked with half-width lanes, whose super-row is at most half as
+        // long (four lanes: at most 12 positions). With the x86-64 and
+        // aarch64 window every such super-row fits (at most 240
+        // positions), and this branch is compiled out.
+        return periodic::<V::Half>(x, period, div, rows, emit);
+    }
     if lcm <= SMALL_WINDOW {
         panels::<V, { SMALL_WINDOW + WINDOW_SLACK }>(x, period, div, rows, lcm, emit)
     } else {
@@ -565,6 +575,11 @@ const MAX_WIDTH: usize = 16;
 // (`div < MAX_WIDTH`), which must be at least one vector; and up to
 // `WINDOW + div` of them, which must fit the window's arrays.
 const _: () = assert!(WINDOW / 2 >= 2 * MAX_WIDTH - 1 && WINDOW_SLACK >= MAX_WIDTH - 1);
+// A row shorter than a vector has a super-row of at most `(w - 1) w`
+// positions: within the big window, and with four lanes within the small
+// one ([`periodic`] halves the lanes until it is).
+const _: () = assert!(SMALL_STACK || (MAX_WIDTH - 1) * MAX_WIDTH <= WINDOW);
+const _: () = assert!(3 * 4 <= SMALL_WINDOW);
 const _: () = assert!(SMALL_WINDOW <= WINDOW);
 
 /// Rows in a panel when a row needs several column groups: each group sums
@@ -772,7 +787,13 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
         whole.div_ceil(V::SLOTS)
     };
     let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
-    let panel = if groups == 1 && rem == 0 {
+    // Back-to-back rows only: a window of whole channels (rows `stride`
+    // apart) that fits one group goes through the panel kernel's strided
+    // loop, which does not flush every INNER_ROWS rows. Only small windows
+    // make such a window (on x86-64 and aarch64 a window of whole channels
+    // has more than 2 * SLOTS vectors), hence the const test first.
+    let back_to_back = !SMALL_STACK || span.stride == span.len;
+    let panel = if groups == 1 && rem == 0 && back_to_back {
         // Read in order anyway: as long as the block, the kernel moving its
         // register sums out every INNER_ROWS rows per lane by itself.
         BLOCK_ROWS

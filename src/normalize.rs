@@ -36,7 +36,7 @@
 //! (fewer spatial positions than lanes). No heap. On every target but x86-64
 //! and aarch64 the segment is 256 positions (2 KiB) and the staging 32
 //! channels (256 B): on a Cortex-M4, `normalize` and `affine` use at most
-//! 3.4 KiB of stack, whatever the shape (`.ci/firmware` paints it).
+//! 2.7 KiB of stack, whatever the shape (`.ci/firmware` paints it).
 
 use crate::error::{check_epsilon, Error};
 use crate::lanes::{with_lane, Lane, Simd, COMPACT, SMALL_STACK};
