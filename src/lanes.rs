@@ -237,8 +237,10 @@ wide_lane!(f32x16, 16, WIDE_SLOTS, f32x8);
 ///
 /// [`Simd::detect`] picks the widest type the build runs natively (this is a
 /// compile-time choice: `wide` selects instructions from the target features
-/// the crate is compiled with). The other widths stay available so that tests,
-/// fuzzers and benchmarks can run every code path on every machine.
+/// the crate is compiled with). On x86 and aarch64 the other widths stay
+/// compiled in, so that tests, fuzzers and benchmarks can run every code path
+/// on every machine. A [compact](crate#compact-builds) build compiles one
+/// width only, and every `Simd` value runs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Simd {
@@ -257,11 +259,14 @@ impl Simd {
     pub const ALL: [Simd; 4] = [Simd::Scalar, Simd::X4, Simd::X8, Simd::X16];
 
     /// The widest lane type this build runs in native registers:
-    /// `X16` with `avx512f`, `X8` with `avx`, `X4` otherwise (SSE2, NEON,
-    /// simd128, and the portable build, where four independent scalars still
-    /// pipeline well).
+    /// `X16` with `avx512f`, `X8` with `avx`, `X4` otherwise on x86 and
+    /// aarch64 (SSE2, NEON). In a [compact](crate#compact-builds) build
+    /// (microcontrollers and every other target without x86 or aarch64
+    /// SIMD) it is the one width compiled in, `Scalar`.
     pub const fn detect() -> Simd {
-        if cfg!(target_feature = "avx512f") {
+        if COMPACT {
+            Simd::Scalar
+        } else if cfg!(target_feature = "avx512f") {
             Simd::X16
         } else if cfg!(target_feature = "avx") {
             Simd::X8
@@ -287,7 +292,45 @@ impl Default for Simd {
     }
 }
 
+/// Whether this build is *compact*: one lane width (`f32`, see
+/// [`Simd::detect`]) and one instantiation of each normalization kernel for
+/// every activation, so that a microcontroller's flash holds only the code
+/// it runs. The default on every target but x86, x86-64 and aarch64 (where
+/// `wide`'s wider types are native SIMD, and several widths will be
+/// selected at run time); the `all-widths` feature turns it off there, and
+/// `--cfg batchnorm_compact` turns it on anywhere (CI tests the compact
+/// code on the host with it).
+pub(crate) const COMPACT: bool = cfg!(any(
+    batchnorm_compact,
+    all(
+        not(feature = "all-widths"),
+        not(any(
+            target_arch = "x86",
+            target_arch = "x86_64",
+            target_arch = "aarch64"
+        ))
+    )
+));
+
+/// Whether stack-resident windows are small (moments' panel windows and
+/// run groups, normalization's coefficient segments): on every target but
+/// x86-64 and aarch64 (microcontrollers and 32-bit targets, whose thread
+/// and interrupt stacks are small), and with `--cfg batchnorm_compact`.
+/// Results stay within the same bounds; only the number of passes over a
+/// wide row changes.
+pub(crate) const SMALL_STACK: bool = cfg!(any(
+    batchnorm_compact,
+    not(any(target_arch = "x86_64", target_arch = "aarch64"))
+));
+
 /// Calls `$body` with the type alias `$V` bound to the lane type of `$simd`.
+#[cfg(not(any(
+    batchnorm_compact,
+    all(
+        not(feature = "all-widths"),
+        not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))
+    )
+)))]
 macro_rules! with_lane {
     ($simd:expr, $V:ident => $body:expr) => {
         match $simd {
@@ -309,5 +352,22 @@ macro_rules! with_lane {
             }
         }
     };
+}
+
+/// Calls `$body` with the type alias `$V` bound to the one lane type of a
+/// compact build (the same condition as [`COMPACT`]), whatever `$simd` is.
+#[cfg(any(
+    batchnorm_compact,
+    all(
+        not(feature = "all-widths"),
+        not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))
+    )
+))]
+macro_rules! with_lane {
+    ($simd:expr, $V:ident => $body:expr) => {{
+        let _ = $simd;
+        type $V = f32;
+        $body
+    }};
 }
 pub(crate) use with_lane;

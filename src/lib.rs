@@ -16,6 +16,23 @@
 //!
 //! Bad input returns an [`Error`] naming what was wrong and leaves every
 //! output untouched; no input makes a kernel panic.
+//!
+//! # Compact builds
+//!
+//! On every target but x86, x86-64 and aarch64 (microcontrollers such as
+//! `thumbv7em-none-eabihf`, and any target where `wide`'s vectors would be
+//! emulated with scalars) the build is *compact*: one lane width, one-lane
+//! `f32` ([`Simd::detect`] returns [`Simd::Scalar`], and every [`Simd`]
+//! value runs it), and one normalization kernel for every [`Activation`]
+//! (an exact identity clamp for `None`). Only the code a microcontroller
+//! runs goes into its flash. The `all-widths` feature compiles every width
+//! and activation kernel there too; `--cfg batchnorm_compact` makes any
+//! build compact (CI tests the compact code on the host with it).
+//!
+//! On the same targets the stack-resident windows are small
+//! ([`GROUP_CHANNELS`], [`SEGMENT`] and the panel windows), so that every
+//! kernel stays within 4 KiB of stack for any shape on a Cortex-M4
+//! (`.ci/firmware` measures it under `qemu-system-arm`).
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

@@ -65,6 +65,14 @@
 //! in registers but for the few the compiler spills. Nothing depends on the
 //! tensor's size. No heap.
 //!
+//! Those are the x86-64 and aarch64 sizes. On every other target
+//! (microcontrollers, 32-bit targets) a group is 32 channels (1.7 KiB) and
+//! a window 64 positions plus 16 of slack (2.2 KiB) for every super-row
+//! length, and a [compact](crate#compact-builds) build's one-lane kernel
+//! keeps its register sums in 128 bytes: on a Cortex-M4, `moments`,
+//! `accumulate` and a training step use at most 3.4 KiB of stack, whatever
+//! the shape (`.ci/firmware` paints it under `qemu-system-arm`).
+//!
 //! # Domain
 //!
 //! For finite inputs with `|x| <= 1e17` every intermediate is finite and the
@@ -72,7 +80,7 @@
 //! variance NaN and its mean NaN or infinite; no other channel is affected.
 
 use crate::error::Error;
-use crate::lanes::{with_lane, Lane, Simd};
+use crate::lanes::{with_lane, Lane, Simd, SMALL_STACK};
 use crate::shape::{Layout, Shape};
 use crate::Variance;
 
@@ -99,8 +107,10 @@ const WARM_UP: usize = 16;
 const INNER_ROWS: usize = 64;
 
 /// Channels whose NCHW runs are walked together, batch element by batch
-/// element (their records and block sums are on the stack).
-pub const GROUP_CHANNELS: usize = 128;
+/// element (their records and block sums are on the stack, 52 bytes per
+/// channel): 128 on x86-64 and aarch64, 32 on every other target
+/// (microcontrollers and 32-bit targets).
+pub const GROUP_CHANNELS: usize = if SMALL_STACK { 32 } else { 128 };
 
 /// Largest `SLOTS` of any lane type.
 const MAX_SLOTS: usize = 8;
@@ -587,6 +597,16 @@ fn periodic<V: Lane>(
     emit: &mut impl FnMut(usize, Acc),
 ) {
     let lcm = period / gcd(period, V::WIDTH) * V::WIDTH;
+    if SMALL_STACK && lcm > WINDOW && period < V::WIDTH {
+        // A super-row longer than the window but a row shorter than a
+        // vector (e.g. 5 or 15 positions with sixteen lanes): a window of
+        // whole channels would be narrower than one vector, so the row is
+        // walked with half-width lanes, whose super-row is at most half as
+        // long (four lanes: at most 12 positions). With the x86-64 and
+        // aarch64 window every such super-row fits (at most 240
+        // positions), and this branch is compiled out.
+        return periodic::<V::Half>(x, period, div, rows, emit);
+    }
     if lcm <= SMALL_WINDOW {
         panels::<V, { SMALL_WINDOW + WINDOW_SLACK }>(x, period, div, rows, lcm, emit)
     } else {
@@ -596,14 +616,32 @@ fn periodic<V: Lane>(
 
 /// Row positions one panel walk keeps block sums and records for. A longer
 /// row is walked in windows of whole channels, one pass over the rows each.
-const WINDOW: usize = 1024;
+/// 1024 on x86-64 and aarch64; 64 (2.2 KiB of window) on every other target.
+const WINDOW: usize = if SMALL_STACK { 64 } else { 1024 };
 
 /// The window of super-rows up to this length (every channel count up to
-/// 128 with a power-of-two width, e.g. 3, 16 and 64): 4.4 KiB of stack.
-const SMALL_WINDOW: usize = 128;
+/// 128 with a power-of-two width, e.g. 3, 16 and 64): 4.4 KiB of stack. On
+/// small-stack targets, [`WINDOW`]: one window size.
+const SMALL_WINDOW: usize = if SMALL_STACK { WINDOW } else { 128 };
 
-/// Room for a window that ends on a channel boundary past [`WINDOW`].
-const WINDOW_SLACK: usize = 32;
+/// Room for a window that ends on a channel boundary past [`WINDOW`]: a
+/// window holds whole channels of `div < lanes` positions each (NCHW with
+/// runs shorter than a vector), so up to `WINDOW + 15` positions.
+const WINDOW_SLACK: usize = if SMALL_STACK { 16 } else { 32 };
+
+/// Widest lane type.
+const MAX_WIDTH: usize = 16;
+
+// A window of whole channels has more than `WINDOW / 2 - div` positions
+// (`div < MAX_WIDTH`), which must be at least one vector; and up to
+// `WINDOW + div` of them, which must fit the window's arrays.
+const _: () = assert!(WINDOW / 2 >= 2 * MAX_WIDTH - 1 && WINDOW_SLACK >= MAX_WIDTH - 1);
+// A row shorter than a vector has a super-row of at most `(w - 1) w`
+// positions: within the big window, and with four lanes within the small
+// one ([`periodic`] halves the lanes until it is).
+const _: () = assert!(SMALL_STACK || (MAX_WIDTH - 1) * MAX_WIDTH <= WINDOW);
+const _: () = assert!(3 * 4 <= SMALL_WINDOW);
+const _: () = assert!(SMALL_WINDOW <= WINDOW);
 
 /// Rows in a panel when a row needs several column groups: each group sums
 /// this many rows in registers before it moves its sums to the block sums
@@ -810,7 +848,13 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
         whole.div_ceil(V::SLOTS)
     };
     let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
-    let panel = if groups == 1 && rem == 0 {
+    // Back-to-back rows only: a window of whole channels (rows `stride`
+    // apart) that fits one group goes through the panel kernel's strided
+    // loop, which does not flush every INNER_ROWS rows. Only small windows
+    // make such a window (on x86-64 and aarch64 a window of whole channels
+    // has more than 2 * SLOTS vectors), hence the const test first.
+    let back_to_back = !SMALL_STACK || span.stride == span.len;
+    let panel = if groups == 1 && rem == 0 && back_to_back {
         // Read in order anyway: as long as the block, the kernel moving its
         // register sums out every INNER_ROWS rows per lane by itself.
         BLOCK_ROWS

@@ -9,7 +9,10 @@
 //! The coefficients are computed in `f64` and rounded once, so `a` and `b`
 //! are within half an ulp of exact and the only other rounding is the
 //! kernel's own `x * a + b` (one rounding with FMA, two without): well inside
-//! DESIGN §3's `4 ε (|x a| + |mean a| + |offset|)`.
+//! DESIGN §3's `4 ε (|x a| + |mean a| + |offset|)`. A
+//! [compact](crate#compact-builds) build computes them in `f32` (software
+//! `f64` is large and slow on a microcontroller), which stays inside the
+//! same bound (the proof is at `fold_f32`).
 //!
 //! # Layouts
 //!
@@ -30,15 +33,24 @@
 //!
 //! Two patterns of [`SEGMENT`] `f32` (8 KiB), and 0.5 KiB to stage the
 //! coefficients of 64 channels while they are spread over NCHW positions
-//! (fewer spatial positions than lanes). No heap.
+//! (fewer spatial positions than lanes). No heap. On every target but x86-64
+//! and aarch64 the segment is 256 positions (2 KiB) and the staging 32
+//! channels (256 B): on a Cortex-M4, `normalize` and `affine` use at most
+//! 2.7 KiB of stack, whatever the shape (`.ci/firmware` paints it).
 
 use crate::error::{check_epsilon, Error};
-use crate::lanes::{with_lane, Lane, Simd};
+use crate::lanes::{with_lane, Lane, Simd, COMPACT, SMALL_STACK};
 use crate::shape::{Layout, Shape};
 use wide::f64x4;
 
-/// Largest number of positions whose coefficients sit in a stack pattern.
-pub const SEGMENT: usize = 1024;
+/// Largest number of positions whose coefficients sit in a stack pattern:
+/// 1024 on x86-64 and aarch64, 256 on every other target (microcontrollers
+/// and 32-bit targets, where two patterns must fit a few KiB of stack).
+pub const SEGMENT: usize = if SMALL_STACK { 256 } else { 1024 };
+
+/// Channels whose coefficients are folded at a time while they are spread
+/// over the positions of NCHW rows with fewer spatial positions than lanes.
+const CHUNK: usize = if SMALL_STACK { 32 } else { 64 };
 
 /// An elementwise activation fused into the normalization pass.
 ///
@@ -273,7 +285,6 @@ impl Coef<'_> {
         if div == 1 {
             return self.fill(p0, a, b);
         }
-        const CHUNK: usize = 64;
         let (mut ta, mut tb) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
         let mut i = 0;
         while i < a.len() {
@@ -299,7 +310,22 @@ impl Coef<'_> {
 /// `reference::fold` rounded to `f32`, NaN payloads aside. The last group of
 /// fewer than four channels goes through the same code, its spare lanes
 /// repeating its last channel and left unstored.
+///
+/// A [compact](crate#compact-builds) build folds in `f32` instead
+/// ([`fold_f32`]): on a Cortex-M4F, `f64` arithmetic is software (3.5 KB of
+/// flash for add, multiply, divide, square root and the conversions, and
+/// hundreds of cycles per channel).
 pub(crate) fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
+    if COMPACT {
+        let (mean, var) = (&p.mean[c0..c0 + a.len()], &p.variance[c0..c0 + a.len()]);
+        for (j, ((a, b), (&m, &v))) in a.iter_mut().zip(b).zip(mean.iter().zip(var)).enumerate() {
+            let c = c0 + j;
+            let scale = p.scale.map_or(1.0, |s| s[c]);
+            let offset = p.offset.map_or(0.0, |o| o[c]);
+            (*a, *b) = fold_f32(m, v, scale, offset, p.epsilon);
+        }
+        return;
+    }
     let mut ga = a.chunks_exact_mut(4);
     let mut gb = b.chunks_exact_mut(4);
     let mut c = c0;
@@ -311,6 +337,85 @@ pub(crate) fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32])
     if !ra.is_empty() {
         fold4(p, c, ra, rb);
     }
+}
+
+/// One channel's `(a, b)` in `f32` arithmetic (compact builds), every
+/// operation correctly rounded (`libm::sqrtf` included):
+/// `a = scale / sqrt(var + eps)`, `b = offset - mean * a`.
+///
+/// # Why this still meets DESIGN §3
+///
+/// With `u = ε / 2` the unit roundoff, `a = A (1 + α)` where `A` is the exact
+/// coefficient: the sum `var + eps` (two non-negative terms in practice; a
+/// single rounding in any case) is off by `u` relative, which the square
+/// root halves, the square root rounds by `u` and the division by `u`, so
+/// `|α| <= 2.5 u` (to first order; a subnormal `a` has the absolute error
+/// `2^-150` that rounding the `f64` fold to `f32` also has). The product
+/// `mean * a` adds `u` and the subtraction `u |b|`, so
+/// `|b - B| <= 4.5 u |mean A| + u |offset|`. The kernel then computes
+/// `x * a + b` with at most two roundings, `u |x a|` and `u |y|`, so
+/// `|y - Y| <= 4.5 u |x A| + 5.5 u |mean A| + 2 u |offset|`, i.e.
+/// `2.25 ε |x A| + 2.75 ε |mean A| + ε |offset|`: within DESIGN §3's
+/// `4 ε (|x a| + |mean a| + |offset|)`, with more than `ε` of room in every
+/// term for the second-order products. The activations are clamps, which
+/// never increase an error. `reference::check_fold` holds a compact build's
+/// fold to these bounds (`2 ε |A|` and `3 ε (|mean A| + |offset|)`), and the
+/// normalization tests, run with `--cfg batchnorm_compact` in CI, to §3's.
+///
+/// Where an `f32` intermediate leaves the standard model (overflow, or an
+/// underflow whose absolute error a large factor would magnify), the
+/// computation is rescaled by powers of two, which are exact:
+///
+/// * a sum `var + eps` above `f32::MAX`: `sqrt` of `var / 4 + eps / 4`,
+///   times 2;
+/// * an `a` below `f32::MIN_POSITIVE` (its absolute error `2^-150` times a
+///   large mean would dominate `b`; the `f64` fold forms `b` from the exact
+///   `A`): `mean * A` as `mean * (scale 2^100 / r) 2^-100`, where the root
+///   `r` is finite, so `scale < 2^-61` and the scaling cannot overflow, and
+///   `scale 2^100 / r` is normal for any `|A| >= 2^-214` (`|A|` is at least
+///   `2^-149 / 2^65` for finite input);
+/// * an `a` or a product `mean * a` that overflows: `p = mean A 2^-100`
+///   (as `mean * (scale 2^-100 / r)` when `a` overflowed, `scale >= 2^53`
+///   then; as `(mean 2^-100) a` otherwise, `|mean| > 1` then), and `b` is
+///   `offset - p 2^100` or, when that product overflows too,
+///   `(offset 2^-100 - p) 2^100` (an `offset` small enough to lose bits in
+///   that scaling is below `ε` of `|mean A| >= 2^128`).
+///
+/// An infinite or NaN `mean` takes the same rescaled product, so that an
+/// `a` that underflowed to 0 gives `b = ∓inf` as the exact `A` does, not
+/// `inf * 0 = NaN`.
+#[inline]
+fn fold_f32(mean: f32, var: f32, scale: f32, offset: f32, eps: f32) -> (f32, f32) {
+    const UP: f32 = f32::from_bits(227 << 23); // 2^100
+    const DOWN: f32 = f32::from_bits(27 << 23); // 2^-100
+    const BIG: f32 = f32::from_bits(155 << 23); // 2^28: UP * BIG overflows
+    let mut sum = var + eps;
+    let mut root = 1.0;
+    if sum.is_infinite() && var.is_finite() && eps.is_finite() {
+        (sum, root) = (var * 0.25 + eps * 0.25, 2.0);
+    }
+    let r = libm::sqrtf(sum) * root;
+    let a = scale / r;
+    let ma = mean * a;
+    let rescalable = r > 0.0 && r.is_finite() && scale.is_finite();
+    if !rescalable || (a.abs() >= f32::MIN_POSITIVE && ma.is_finite()) {
+        return (a, offset - ma);
+    }
+    let b = if a.abs() < f32::MIN_POSITIVE {
+        offset - mean * (scale * UP / r) * DOWN
+    } else {
+        let p = if a.is_infinite() {
+            mean * (scale * DOWN / r)
+        } else {
+            mean * DOWN * a
+        };
+        if p.abs() < BIG {
+            offset - p * UP
+        } else {
+            (offset * DOWN - p) * UP
+        }
+    };
+    (a, b)
 }
 
 /// [`fold_span`] for the (one to four) channels from `c`, `a.len()` of them.
@@ -527,6 +632,22 @@ pub(crate) fn run_folded<IO: Io>(simd: Simd, io: &mut IO, shape: Shape, p: &Para
 
 /// Validated input: dispatch on width and activation.
 pub(crate) fn run<IO: Io>(simd: Simd, io: &mut IO, shape: Shape, coef: Coef<'_>, act: Activation) {
+    if COMPACT {
+        // One kernel for every activation: `Band(lo, hi)` is
+        // `if y < lo { lo } else { y }` then `if y > hi { hi } else { y }`,
+        // and with `lo = -inf`, `hi = +inf` neither comparison is ever true
+        // (NaN included), so it returns `y` bit for bit, signed zeros and
+        // NaN payloads included: an exact identity, as `Band(0, +inf)` is
+        // exactly `Floor(0)`. Two comparisons per element cost less flash
+        // than four copies of every kernel.
+        let (lo, hi) = match act {
+            Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+            Activation::Relu => (0.0, f32::INFINITY),
+            Activation::Relu6 => (0.0, 6.0),
+            Activation::Clamp { min, max } => (min, max),
+        };
+        return with_lane!(simd, V => layout::<V, _, IO>(io, shape, coef, Band(lo, hi)));
+    }
     with_lane!(simd, V => match act {
         Activation::None => layout::<V, _, IO>(io, shape, coef, Identity),
         Activation::Relu => layout::<V, _, IO>(io, shape, coef, Floor(0.0)),
@@ -669,7 +790,11 @@ fn periodic<V: Lane, A: Act, IO: Io>(
         let per = lcm / period;
         let supers = rows / per;
         let (pa_, pb_) = (&pa[..lcm], &pb[..lcm]);
-        match lcm / w {
+        // A compact build keeps the flash of the register kernels for the
+        // shortest patterns only (one to four vectors: one to four
+        // channels, RGB included); 0 takes the last arm.
+        let nv = if COMPACT && lcm / w > 4 { 0 } else { lcm / w };
+        match nv {
             // A short pattern lives in registers: one load per vector.
             1 => super_rows::<V, A, IO, 1>(io, supers, pa_, pb_, act),
             2 => super_rows::<V, A, IO, 2>(io, supers, pa_, pb_, act),

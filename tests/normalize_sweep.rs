@@ -251,3 +251,60 @@ fn activations_match_the_scalar_definition_on_special_values() {
         }
     }
 }
+
+/// The ranges where a compact build's `f32` fold rescales its
+/// intermediates (`normalize::fold_f32`): each case is held to
+/// `reference::check_fold` (bit for bit on x86 and aarch64, the `f32`
+/// fold's proven bounds in a compact build, `--cfg batchnorm_compact`) and
+/// the normalization of a few values to DESIGN §3.
+#[test]
+fn fold_extremes_keep_their_bounds() {
+    // (mean, variance, scale, offset, epsilon)
+    let cases: [(f32, f32, f32, f32, f32); 7] = [
+        // `a` underflows to 0 while `mean * A` is 5.4e-18.
+        (1e30, -8.696418e-39, -5.376551e-39, 5.109197e-39, 1e18),
+        // `a` underflows, infinite mean: `b` is +inf, not NaN.
+        (
+            f32::NEG_INFINITY,
+            1.0134881e-38,
+            6.200716e-39,
+            -8.631529e-39,
+            1e18,
+        ),
+        // `a` overflows while `mean * A` (1e15) and `b` are representable.
+        (1e-30, 0.0, 1e30, 2.0, 1e-30),
+        // `a` overflows, `mean * A` too, and `offset` is +inf.
+        (0.43712685, 0.17316082, f32::MAX, f32::INFINITY, 0.0),
+        // `mean * a` overflows while `offset - mean * a` is representable.
+        (3.0e38, 1.0, 1.1, f32::MAX, 1e-3),
+        // `var + eps` overflows `f32`.
+        (5.0, f32::MAX, 2.0, 1.0, 1e38),
+        // An ordinary channel beside them.
+        (0.5, 2.0, 1.5, -0.25, 1e-5),
+    ];
+    for (ci, t) in cases.iter().enumerate() {
+        let (mut a, mut b) = ([0.0f32; 1], [0.0f32; 1]);
+        let (m, v, s, o) = ([t.0], [t.1], [t.2], [t.3]);
+        batchnorm::fold(&m, &v, Some(&s), Some(&o), t.4, &mut a, &mut b).unwrap();
+        let p = Params {
+            mean: &m,
+            variance: &v,
+            scale: Some(&s),
+            offset: Some(&o),
+            epsilon: t.4,
+            activation: Activation::None,
+        };
+        if let Err(e) = reference::check_fold(&p, &a, &b) {
+            panic!("case {ci} {t:?}: {e}");
+        }
+        // Normalizing a few values of that channel: DESIGN §3 (not `x =
+        // mean` when `a` is subnormal: `x a` then carries `|x| 2^-150` of
+        // absolute error with any fold, the fuzz oracle's underflow term).
+        let x = [0.0, 1.0, -3.5, 2.0];
+        let mut y = [0.0f32; 4];
+        batchnorm::normalize(&x, &mut y, Shape::rows(4, 1), &p).unwrap();
+        if let Err(e) = reference::check_normalize(&x, Shape::rows(4, 1), &p, &y) {
+            panic!("case {ci} {t:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Flash probe (a): inference only, through the layer (`BatchNorm::infer`).
+#![no_std]
+#![no_main]
+
+use batchnorm::{BatchNorm, Config};
+use batchnorm_firmware::{exit, opaque};
+use core::hint::black_box;
+use cortex_m_rt::entry;
+
+#[entry]
+fn main() -> ! {
+    let o = opaque();
+    let [mm, mv, bm, bv, _, _] = o.c;
+    let config = Config::keras().with_activation(o.activation);
+    let ok = match BatchNorm::new(config, mm, mv, bm, bv) {
+        Ok(bn) => bn.infer(o.x, o.y, o.shape).is_ok(),
+        Err(_) => false,
+    };
+    black_box(&o.y);
+    exit(black_box(ok))
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
