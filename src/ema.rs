@@ -217,8 +217,9 @@ pub(crate) fn apply(
         Variance::Sample if count > 1 => (count as f64 / (count - 1) as f64) as f32,
         Variance::Sample => 1.0,
     };
-    for c in 0..moving_mean.len() {
-        moving_mean[c] = moving_mean[c] * d + batch_mean[c] * w;
-        moving_variance[c] = moving_variance[c] * d + batch_variance[c] * bessel * w;
+    let moving = moving_mean.iter_mut().zip(moving_variance.iter_mut());
+    for ((mm, mv), (&bm, &bv)) in moving.zip(batch_mean.iter().zip(batch_variance)) {
+        *mm = *mm * d + bm * w;
+        *mv = *mv * d + bv * bessel * w;
     }
 }
