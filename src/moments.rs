@@ -1131,3 +1131,31 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
     }
     sums
 }
+
+#[cfg(test)]
+mod tests {
+    use super::lcm;
+
+    /// `lcm` of a period that validation accepts but whose product with
+    /// the width does not fit in `usize` (an odd period of more than
+    /// `usize::MAX / 16` elements; on 32-bit targets from 2^28 on) is
+    /// `None`, the long-row path, not a wrapped small number.
+    #[test]
+    fn lcm_overflow_is_none() {
+        assert_eq!(lcm(3, 16), Some(48));
+        assert_eq!(lcm(24, 16), Some(48));
+        assert_eq!(lcm(1, 1), Some(1));
+        assert_eq!(lcm(usize::MAX / 8 | 1, 16), None);
+        assert_eq!(lcm(usize::MAX / 16 + 2, 16), None);
+        assert_eq!(
+            lcm(usize::MAX / 16 | 1, 16),
+            Some((usize::MAX / 16 | 1) * 16)
+        );
+        for w in [2, 4, 8, 16] {
+            assert_eq!(lcm(usize::MAX, w), None, "w = {w}");
+        }
+        // Even periods whose lcm still fits.
+        assert_eq!(lcm(usize::MAX - 15, 16), Some(usize::MAX - 15));
+        assert_eq!(lcm(usize::MAX / 2 + 1, 16), Some(usize::MAX / 2 + 1));
+    }
+}
