@@ -788,7 +788,7 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     };
     let mut done = 1;
     while done < span.rows {
-        let block = (3 * done).min(BLOCK_ROWS).min(span.rows - done);
+        let block = done.saturating_mul(3).min(BLOCK_ROWS).min(span.rows - done);
         let mut r = 0;
         while r < block {
             let pr = panel.min(block - r);
@@ -1145,11 +1145,11 @@ mod tests {
         assert_eq!(lcm(3, 16), Some(48));
         assert_eq!(lcm(24, 16), Some(48));
         assert_eq!(lcm(1, 1), Some(1));
-        assert_eq!(lcm(usize::MAX / 8 | 1, 16), None);
+        assert_eq!(lcm((usize::MAX / 8) | 1, 16), None);
         assert_eq!(lcm(usize::MAX / 16 + 2, 16), None);
         assert_eq!(
-            lcm(usize::MAX / 16 | 1, 16),
-            Some((usize::MAX / 16 | 1) * 16)
+            lcm((usize::MAX / 16) | 1, 16),
+            Some(((usize::MAX / 16) | 1) * 16)
         );
         for w in [2, 4, 8, 16] {
             assert_eq!(lcm(usize::MAX, w), None, "w = {w}");
