@@ -38,9 +38,11 @@ pub(crate) trait Lane: Copy {
     const SLOTS: usize;
     /// Every lane set to `v`.
     fn splat(v: f32) -> Self;
-    /// Loads `WIDTH` values from the start of `s` (`s.len() >= WIDTH`).
+    /// Loads `WIDTH` values from the start of `s` (`s.len() >= WIDTH`; a
+    /// shorter slice, which no kernel passes, loads zeros: no panic path).
     fn load(s: &[f32]) -> Self;
-    /// Stores the lanes to the start of `out` (`out.len() >= WIDTH`).
+    /// Stores the lanes to the start of `out` (`out.len() >= WIDTH`; a
+    /// shorter slice, which no kernel passes, is left as it is).
     fn store(self, out: &mut [f32]);
     /// Lane-wise `self + o`.
     fn add(self, o: Self) -> Self;
@@ -76,11 +78,16 @@ impl Lane for f32 {
     }
     #[inline(always)]
     fn load(s: &[f32]) -> Self {
-        s[0]
+        match s.first() {
+            Some(&v) => v,
+            None => 0.0,
+        }
     }
     #[inline(always)]
     fn store(self, out: &mut [f32]) {
-        out[0] = self;
+        if let Some(o) = out.first_mut() {
+            *o = self;
+        }
     }
     #[inline(always)]
     fn add(self, o: Self) -> Self {
@@ -162,16 +169,16 @@ macro_rules! wide_lane {
             }
             #[inline(always)]
             fn load(s: &[f32]) -> Self {
-                let a: [f32; $n] = match s[..$n].try_into() {
-                    Ok(a) => a,
-                    // `s[..$n]` has exactly `$n` elements.
-                    Err(_) => [0.0; $n],
-                };
-                $t::new(a)
+                match s.first_chunk::<$n>() {
+                    Some(a) => $t::new(*a),
+                    None => $t::splat(0.0),
+                }
             }
             #[inline(always)]
             fn store(self, out: &mut [f32]) {
-                out[..$n].copy_from_slice(&self.to_array());
+                if let Some(o) = out.first_chunk_mut::<$n>() {
+                    *o = self.to_array();
+                }
             }
             #[inline(always)]
             fn add(self, o: Self) -> Self {

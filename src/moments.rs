@@ -416,8 +416,9 @@ impl Simd {
             return Err(Error::CountOverflow);
         }
         run(self, x, shape, &mut |c, acc| {
-            if let Some(m) = into.get_mut(c) {
-                *m = Moments::from(Acc::from(*m).merge(acc));
+            // `c < channels == into.len()`: `get_mut` keeps the panic path out.
+            if let Some(r) = into.get_mut(c) {
+                *r = Moments::from(Acc::from(*r).merge(acc));
             }
         });
         Ok(())
@@ -438,8 +439,12 @@ pub(crate) fn mean_variance(
 ) {
     let inv = 1.0 / (shape.batch * shape.spatial) as f64;
     run(simd, x, shape, &mut |c, acc| {
-        mean[c] = acc.mean as f32;
-        variance[c] = (acc.m2 * inv) as f32;
+        // `c < channels`, the slices' length: `get_mut` keeps the panic
+        // path out.
+        if let (Some(m), Some(v)) = (mean.get_mut(c), variance.get_mut(c)) {
+            *m = acc.mean as f32;
+            *v = (acc.m2 * inv) as f32;
+        }
     });
 }
 
@@ -454,71 +459,54 @@ fn dispatch<V: Lane>(x: &[f32], shape: Shape, emit: &mut impl FnMut(usize, Acc))
     match shape.layout {
         Layout::Nhwc => periodic::<V>(x, c, 1, n * s, emit),
         Layout::Nchw if s < V::WIDTH => periodic::<V>(x, c * s, s, n, emit),
-        Layout::Nchw => runs::<V>(x, n, c, s, emit),
+        Layout::Nchw => runs::<V>(x, c, s, emit),
     }
 }
 
-/// Per-channel state of one window of NCHW runs: records, shifts and the
-/// `f64` sums of the current block, for channels `c0 .. c0 + GROUP_CHANNELS`.
+/// Per-channel state of one window of NCHW runs: a [`Slot`] for each of
+/// channels `c0 .. c0 + GROUP_CHANNELS`, walked with iterators (no index).
 struct Group {
-    acc: [Acc; GROUP_CHANNELS],
-    shift: [f32; GROUP_CHANNELS],
-    s1: [f64; GROUP_CHANNELS],
-    s2: [f64; GROUP_CHANNELS],
-    n: [u64; GROUP_CHANNELS],
+    slots: [Slot; GROUP_CHANNELS],
 }
 
-impl Group {
-    fn new() -> Group {
-        Group {
-            acc: [Acc::default(); GROUP_CHANNELS],
-            shift: [0.0; GROUP_CHANNELS],
-            s1: [0.0; GROUP_CHANNELS],
-            s2: [0.0; GROUP_CHANNELS],
-            n: [0; GROUP_CHANNELS],
-        }
-    }
+/// One channel of a [`Group`]: its record, shift and the `f64` sums and
+/// count of the current block.
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    acc: Acc,
+    shift: f32,
+    s1: f64,
+    s2: f64,
+    n: u64,
+}
 
-    /// Forgets channels `0..channels` (the only ones a window touched).
-    fn clear(&mut self, channels: usize) {
-        for c in 0..channels {
-            self.acc[c] = Acc::default();
-            self.shift[c] = 0.0;
-        }
-    }
-
-    /// Adds one run's shifted sums of `len` elements to channel `c`'s block.
+impl Slot {
+    /// Adds one run's shifted sums of `len` elements to the block.
     #[inline(always)]
-    fn add_sums(&mut self, c: usize, (s1, s2): (f64, f64), len: usize) {
-        self.s1[c] += s1;
-        self.s2[c] += s2;
-        self.n[c] += len as u64;
+    fn add_sums(&mut self, (s1, s2): (f64, f64), len: usize) {
+        self.s1 += s1;
+        self.s2 += s2;
+        self.n += len as u64;
     }
 
-    /// Turns the block sums of each touched channel into a block record and
-    /// merges it; the channel's new mean becomes its shift.
-    fn end_block(&mut self, channels: usize, w: &mut Weights) {
-        for c in 0..channels {
-            self.end_channel(c, w);
-        }
-    }
-
-    fn end_channel(&mut self, c: usize, w: &mut Weights) {
-        let n = self.n[c];
+    /// Turns the block sums into a block record and merges it; the new mean
+    /// becomes the shift.
+    fn end_block(&mut self, w: &mut Weights) {
+        let n = self.n;
         if n == 0 {
             return;
         }
-        let block = Acc::from_shifted(n, w.recip(n), self.shift[c], self.s1[c], self.s2[c]);
-        let a = self.acc[c];
-        self.acc[c] = if a.n == 0 {
+        let block = Acc::from_shifted(n, w.recip(n), self.shift, self.s1, self.s2);
+        let a = self.acc;
+        self.acc = if a.n == 0 {
             block
         } else {
             a.merge_weighted(block, w.weight(a.n, n))
         };
-        self.shift[c] = self.acc[c].mean as f32;
-        self.s1[c] = 0.0;
-        self.s2[c] = 0.0;
-        self.n[c] = 0;
+        self.shift = self.acc.mean as f32;
+        self.s1 = 0.0;
+        self.s2 = 0.0;
+        self.n = 0;
     }
 }
 
@@ -567,14 +555,15 @@ fn add_row<V: Lane, const NV: usize>(s: &mut [V], q: &mut [V], row: [V; NV], k: 
     }
 }
 
-/// `NV` vectors from the start of `s`. A plain loop rather than
-/// `core::array::from_fn`, which the compiler left as a call for sixteen
-/// vectors, forcing the row's sums into memory.
+/// `NV` vectors from the start of `s` (zeros past its end, which no caller
+/// reaches). A plain loop rather than `core::array::from_fn`, which the
+/// compiler left as a call for sixteen vectors, forcing the row's sums into
+/// memory.
 #[inline(always)]
 fn load_n<V: Lane, const NV: usize>(s: &[f32]) -> [V; NV] {
     let mut row = [V::splat(0.0); NV];
-    for (v, r) in row.iter_mut().enumerate() {
-        *r = V::load(&s[v * V::WIDTH..]);
+    for (r, v) in row.iter_mut().zip(s.chunks_exact(V::WIDTH)) {
+        *r = V::load(v);
     }
     row
 }
@@ -584,6 +573,14 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
         (a, b) = (b, a % b);
     }
     a
+}
+
+/// `lcm(period, w)` for `w >= 1`, or `None` when it does not fit in `usize`
+/// (on a 32-bit target an odd period of more than `2^32 / w` elements
+/// passes validation; its lcm is longer than any window, so `None` takes
+/// the same path as a long row).
+pub(crate) fn lcm(period: usize, w: usize) -> Option<usize> {
+    (period / gcd(period, w).max(1)).checked_mul(w)
 }
 
 /// Periodic tensors: flat position `p` belongs to channel `(p mod period) / div`;
@@ -596,8 +593,8 @@ fn periodic<V: Lane>(
     rows: usize,
     emit: &mut impl FnMut(usize, Acc),
 ) {
-    let lcm = period / gcd(period, V::WIDTH) * V::WIDTH;
-    if SMALL_STACK && lcm > WINDOW && period < V::WIDTH {
+    let l = lcm(period, V::WIDTH);
+    if SMALL_STACK && period < V::WIDTH && l.is_none_or(|l| l > WINDOW) {
         // A super-row longer than the window but a row shorter than a
         // vector (e.g. 5 or 15 positions with sixteen lanes): a window of
         // whole channels would be narrower than one vector, so the row is
@@ -607,10 +604,11 @@ fn periodic<V: Lane>(
         // positions), and this branch is compiled out.
         return periodic::<V::Half>(x, period, div, rows, emit);
     }
-    if lcm <= SMALL_WINDOW {
-        panels::<V, { SMALL_WINDOW + WINDOW_SLACK }>(x, period, div, rows, lcm, emit)
-    } else {
-        panels::<V, { WINDOW + WINDOW_SLACK }>(x, period, div, rows, lcm, emit)
+    match l {
+        Some(l) if l <= SMALL_WINDOW => {
+            panels::<V, { SMALL_WINDOW + WINDOW_SLACK }>(x, period, div, rows, Some(l), emit)
+        }
+        l => panels::<V, { WINDOW + WINDOW_SLACK }>(x, period, div, rows, l, emit),
     }
 }
 
@@ -691,9 +689,14 @@ fn panels<V: Lane, const N: usize>(
     period: usize,
     div: usize,
     rows: usize,
-    lcm: usize,
+    lcm: Option<usize>,
     emit: &mut impl FnMut(usize, Acc),
 ) {
+    // Validated input has `period = channels * div >= div >= 1`; the
+    // checks keep the divisions below free of a panic path.
+    if div == 0 || period == 0 {
+        return;
+    }
     let mut st = Window::<N> {
         s: [0.0; N],
         q: [0.0; N],
@@ -703,10 +706,12 @@ fn panels<V: Lane, const N: usize>(
         n: 0,
     };
     let channels = period / div;
-    if lcm + WINDOW_SLACK <= N {
+    if let Some(lcm) = lcm.filter(|&l| l <= N - WINDOW_SLACK) {
         // Super-rows of `lcm` elements (position `p` is channel
-        // `(p mod period) / div`), then the rows left over.
-        let per = lcm / period;
+        // `(p mod period) / div`), then the rows left over: the elements
+        // after the last whole super-row, `(rows - supers * per) * period`
+        // of them.
+        let per = (lcm / period).max(1);
         let supers = rows / per;
         let span = Span {
             start: 0,
@@ -715,7 +720,7 @@ fn panels<V: Lane, const N: usize>(
             rows: supers,
         };
         walk::<V, N>(x, span, &mut st);
-        let tail = &x[supers * lcm..(supers * lcm + (rows - supers * per) * period)];
+        let tail = x.get(supers * lcm..).unwrap_or_default();
         for c in 0..channels {
             let mut acc = Acc::default();
             for r in 0..per {
@@ -728,10 +733,15 @@ fn panels<V: Lane, const N: usize>(
         return;
     }
     // Windows of whole channels, at most WINDOW + div positions each, at
-    // least WINDOW / 2 - div >= one vector.
-    let windows = period.div_ceil(WINDOW);
+    // least WINDOW / 2 - div >= one vector: the first `channels % windows`
+    // windows take one channel more than the others. (Formed by adding
+    // window sizes: `i * channels / windows` overflowed a 32-bit `usize`
+    // from 2^21 NHWC channels on.)
+    let windows = period.div_ceil(WINDOW).max(1);
+    let (size, longer) = (channels / windows, channels % windows);
+    let mut c0 = 0;
     for i in 0..windows {
-        let (c0, c1) = (i * channels / windows, (i + 1) * channels / windows);
+        let c1 = c0 + size + usize::from(i < longer);
         let span = Span {
             start: c0 * div,
             stride: period,
@@ -746,6 +756,7 @@ fn panels<V: Lane, const N: usize>(
             }
             emit(c0 + c, acc);
         }
+        c0 = c1;
     }
 }
 
@@ -756,12 +767,14 @@ fn exact(rows: &[f32], period: usize, offset: usize, width: usize) -> Acc {
     // Most walks leave no rows: return before the division below, which
     // ran once per channel (most of the per-channel loop of NHWC C = 1000
     // at 256 KiB).
-    if rows.is_empty() {
+    if rows.is_empty() || period == 0 {
         return Acc::default();
     }
+    // `offset + width <= period` on every caller's input: `get` keeps the
+    // panic path out.
     let items = || {
         rows.chunks_exact(period)
-            .flat_map(move |row| &row[offset..offset + width])
+            .flat_map(move |row| row.get(offset..offset + width).unwrap_or_default())
             .map(|&v| v as f64)
     };
     let n = rows.len() / period * width;
@@ -778,11 +791,16 @@ fn exact(rows: &[f32], period: usize, offset: usize, width: usize) -> Acc {
 }
 
 impl<const N: usize> Window<N> {
+    /// Position `p`'s record (`p < N` on every call; an empty record
+    /// otherwise, which merges as nothing).
     fn acc(&self, p: usize) -> Acc {
-        Acc {
-            n: self.n,
-            mean: self.mean[p],
-            m2: self.m2[p],
+        match (self.mean.get(p), self.m2.get(p)) {
+            (Some(&mean), Some(&m2)) => Acc {
+                n: self.n,
+                mean,
+                m2,
+            },
+            _ => Acc::default(),
         }
     }
 
@@ -792,6 +810,9 @@ impl<const N: usize> Window<N> {
     /// arrays, which the compiler vectorizes: small tensors have few rows to
     /// spread a block end over.
     fn end_block(&mut self, len: usize, n: u64) {
+        // `len <= N` on every call: the clamp lets the compiler drop the
+        // panic paths of the slicing.
+        let len = len.min(N);
         let inv = 1.0 / n as f64;
         let wb = n as f64 / (self.n + n) as f64;
         let na = self.n;
@@ -825,10 +846,18 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     // The first row is the first block, whose sums around the shift (the
     // row itself) are zero, or NaN for a NaN or infinite value, as the sums
     // would be.
-    let row = &x[span.start..span.start + span.len];
-    st.k[..span.len].copy_from_slice(row);
-    for ((&v, mean), m2) in row.iter().zip(&mut st.mean).zip(&mut st.m2) {
+    // A span lies inside `x` and has at most `N` positions on every call:
+    // the `get`s keep the panic paths out.
+    let Some(row) = x.get(span.start..).and_then(|r| r.get(..span.len)) else {
+        return;
+    };
+    if span.len > N {
+        return;
+    }
+    let first = row.iter().zip(&mut st.k).zip(&mut st.mean).zip(&mut st.m2);
+    for (((&v, k), mean), m2) in first {
         let z = if v.is_finite() { 0.0 } else { f64::NAN };
+        *k = v;
         *mean = v as f64 + z;
         *m2 = z;
     }
@@ -863,7 +892,7 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
     };
     let mut done = 1;
     while done < span.rows {
-        let block = (3 * done).min(BLOCK_ROWS).min(span.rows - done);
+        let block = done.saturating_mul(3).min(BLOCK_ROWS).min(span.rows - done);
         let mut r = 0;
         while r < block {
             let pr = panel.min(block - r);
@@ -878,28 +907,36 @@ fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
             for gi in 0..groups {
                 let nv = size + usize::from(gi < longer);
                 let (o, e) = (v0 * w, (v0 + nv) * w);
-                let sums = Sums {
-                    s: &mut st.s[o..e],
-                    q: &mut st.q[o..e],
-                    k: &st.k[o..e],
-                };
-                panel_nv::<V>(nv, x, tile(o), sums);
                 v0 += nv;
+                let (Some(s), Some(q), Some(k)) =
+                    (st.s.get_mut(o..e), st.q.get_mut(o..e), st.k.get(o..e))
+                else {
+                    continue;
+                };
+                panel_nv::<V>(nv, x, tile(o), Sums { s, q, k });
             }
             if rem != 0 {
                 // One vector ending at the row's end; its first `w - rem`
-                // lanes are counted by the vector before.
-                let o = span.len - w;
+                // lanes are counted by the vector before. (`span.len >= w`
+                // whenever `rem != 0`.)
+                let (o, e) = (span.len.saturating_sub(w), span.len);
                 let (mut s, mut q) = ([0.0f32; 16], [0.0f32; 16]);
-                let sums = Sums {
-                    s: &mut s[..w],
-                    q: &mut q[..w],
-                    k: &st.k[o..o + w],
-                };
-                panel_nv::<V>(1, x, tile(o), sums);
-                for j in w - rem..w {
-                    st.s[o + j] += s[j];
-                    st.q[o + j] += q[j];
+                if let (Some(k), Some(ds), Some(dq)) = (
+                    st.k.get(o..e),
+                    st.s.get_mut(e - rem..e),
+                    st.q.get_mut(e - rem..e),
+                ) {
+                    let sums = Sums {
+                        s: &mut s[..w],
+                        q: &mut q[..w],
+                        k,
+                    };
+                    panel_nv::<V>(1, x, tile(o), sums);
+                    let new = s[..w].iter().zip(&q[..w]).skip(w - rem);
+                    for ((ds, dq), (s, q)) in ds.iter_mut().zip(dq.iter_mut()).zip(new) {
+                        *ds += s;
+                        *dq += q;
+                    }
                 }
             }
             r += pr;
@@ -965,7 +1002,10 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
     if stride == NV * w {
         // Back-to-back rows: one slice, walked in steps whose length the
         // compiler knows, so the loads carry no bounds checks.
-        let all = &x[base..base + rows * stride];
+        // The tile lies inside `x` on every call.
+        let Some(all) = x.get(base..).and_then(|r| r.get(..rows * stride)) else {
+            return;
+        };
         // A long panel (one group holds the row) leaves its registers for
         // the block sums every INNER_ROWS rows per lane, without leaving
         // this loop.
@@ -996,19 +1036,23 @@ fn panel_n<V: Lane, const NV: usize>(x: &[f32], tile: Tile, sums: Sums<'_>) {
             flush::<V, NV>(&mut si, &mut qi, unroll, s, q);
         }
     } else {
+        // Every row of the tile lies inside `x`: a row that did not would
+        // be skipped (`get`), never a panic.
+        let row_at = |pos: usize| x.get(pos..).and_then(|r| r.get(..NV * w));
         let mut pos = base;
         for _ in 0..rows / unroll {
             for u in 0..unroll {
-                let seg = &x[pos + u * stride..pos + u * stride + NV * w];
-                let row = load_n(seg);
-                add_row(&mut si[u * NV..], &mut qi[u * NV..], row, &kv);
+                if let Some(seg) = row_at(pos + u * stride) {
+                    add_row(&mut si[u * NV..], &mut qi[u * NV..], load_n(seg), &kv);
+                }
             }
             pos += unroll * stride;
         }
         for u in 0..unroll {
             if u < rows % unroll {
-                let seg = &x[pos..pos + NV * w];
-                add_row(&mut si[u * NV..], &mut qi[u * NV..], load_n(seg), &kv);
+                if let Some(seg) = row_at(pos) {
+                    add_row(&mut si[u * NV..], &mut qi[u * NV..], load_n(seg), &kv);
+                }
                 pos += stride;
             }
         }
@@ -1033,9 +1077,10 @@ fn flush<V: Lane, const NV: usize>(
             qi[v] = qi[v].add(qi[u * NV + v]);
         }
     }
-    for v in 0..NV {
-        V::load(&s[v * w..]).add(si[v]).store(&mut s[v * w..]);
-        V::load(&q[v * w..]).add(qi[v]).store(&mut q[v * w..]);
+    let block = s.chunks_exact_mut(w).zip(q.chunks_exact_mut(w));
+    for ((s, q), (sv, qv)) in block.zip(si.iter().zip(qi.iter())).take(NV) {
+        V::load(s).add(*sv).store(s);
+        V::load(q).add(*qv).store(q);
     }
     *si = [V::splat(0.0); MAX_SUMS];
     *qi = [V::splat(0.0); MAX_SUMS];
@@ -1051,46 +1096,54 @@ const RUN_PIECE: usize = 8 * 1024;
 /// batch element by batch element so that reads are in memory order (a
 /// window of one batch element is one contiguous stretch), each run of `s`
 /// elements reduced by [`run_sums`] around its channel's shift.
-fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(usize, Acc)) {
-    let mut g = Group::new();
+fn runs<V: Lane>(x: &[f32], c: usize, s: usize, emit: &mut impl FnMut(usize, Acc)) {
+    // `s >= V::WIDTH >= 1` and `c * s <= x.len()` on validated input; the
+    // checks let the compiler drop the panic paths of `chunks_exact`.
+    let Some(item) = c.checked_mul(s).filter(|&e| e > 0) else {
+        return;
+    };
+    let mut g = Group {
+        slots: [Slot::default(); GROUP_CHANNELS],
+    };
     let mut w = Weights::default();
     // At most INNER_ROWS terms per lane in one f32 sum.
     let cap = (INNER_ROWS * RUN_SLOTS * V::WIDTH).min(RUN_PIECE);
     let mut c0 = 0;
     while c0 < c {
         let cw = (c - c0).min(GROUP_CHANNELS);
-        for i in 0..n {
-            for ch in 0..cw {
-                let start = (i * c + c0 + ch) * s;
-                let mut run = &x[start..start + s];
+        // Batch element by batch element, the window's runs in memory order.
+        for element in x.chunks_exact(item) {
+            let Some(window) = element.get(c0 * s..(c0 + cw) * s) else {
+                break;
+            };
+            for (mut run, slot) in window.chunks_exact(s).zip(g.slots.iter_mut()) {
                 while !run.is_empty() {
-                    let (seen, open) = (g.acc[ch].n as usize, g.n[ch] as usize);
+                    let (seen, open) = (slot.acc.n as usize, slot.n as usize);
                     if seen == 0 && open == 0 {
-                        let len = run.len().min(cap);
-                        let (piece, rest) = run.split_at(len);
+                        let (piece, rest) = run.split_at_checked(cap).unwrap_or((run, &[]));
                         let (k, sums) = first_block::<V>(piece);
-                        g.shift[ch] = k;
-                        g.add_sums(ch, sums, len);
-                        g.end_channel(ch, &mut w);
+                        slot.shift = k;
+                        slot.add_sums(sums, piece.len());
+                        slot.end_block(&mut w);
                         run = rest;
                         continue;
                     }
-                    let target = (3 * seen).clamp(WARM_UP, RUN_PIECE);
-                    let len = (target - open).min(run.len()).min(cap);
-                    let (piece, rest) = run.split_at(len);
-                    g.add_sums(ch, run_sums::<V>(piece, g.shift[ch]), len);
-                    if g.n[ch] as usize >= target {
-                        g.end_channel(ch, &mut w);
+                    let target = seen.saturating_mul(3).clamp(WARM_UP, RUN_PIECE);
+                    let len = target.saturating_sub(open).min(cap);
+                    let (piece, rest) = run.split_at_checked(len).unwrap_or((run, &[]));
+                    slot.add_sums(run_sums::<V>(piece, slot.shift), piece.len());
+                    if slot.n as usize >= target {
+                        slot.end_block(&mut w);
                     }
                     run = rest;
                 }
             }
         }
-        g.end_block(cw, &mut w);
-        for ch in 0..cw {
-            emit(c0 + ch, g.acc[ch]);
+        for (ch, slot) in g.slots.iter_mut().take(cw).enumerate() {
+            slot.end_block(&mut w);
+            emit(c0 + ch, slot.acc);
+            *slot = Slot::default();
         }
-        g.clear(cw);
         c0 += cw;
     }
 }
@@ -1106,7 +1159,9 @@ fn runs<V: Lane>(x: &[f32], n: usize, c: usize, s: usize, emit: &mut impl FnMut(
 /// its mean. Later blocks are shifted by the running mean, which for data
 /// that does not drift is far under one standard deviation from theirs.
 fn first_block<V: Lane>(piece: &[f32]) -> (f32, (f64, f64)) {
-    let k = piece[0];
+    let Some(&k) = piece.first() else {
+        return (0.0, (0.0, 0.0));
+    };
     let sums = run_sums::<V>(piece, k);
     let n = piece.len() as f64;
     // `Σ(x - k)² > 4 m2` with `m2 = Σ(x - k)² - (Σ(x - k))² / n`, multiplied
@@ -1157,9 +1212,13 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
             add(i, V::load(&chunk[i * w..]));
         }
     }
-    let mut vectors = chunks.remainder().chunks_exact(w);
-    for (i, v) in (&mut vectors).enumerate() {
-        add(i, V::load(v));
+    // Fewer than RUN_SLOTS vectors left: one per slot, each slot index a
+    // constant (no bounds check, and the accumulators stay in registers).
+    let rest = chunks.remainder();
+    for i in 0..RUN_SLOTS - 1 {
+        if let Some(v) = rest.get(i * w..(i + 1) * w) {
+            add(i, V::load(v));
+        }
     }
     for i in 1..RUN_SLOTS {
         s[0] = s[0].add(s[i]);
@@ -1168,11 +1227,39 @@ fn run_sums<V: Lane>(run: &[f32], k: f32) -> (f64, f64) {
     // Each lane holds at most INNER_ROWS terms (the caller's pieces); a
     // pairwise f32 reduction of the lanes adds log2(w) roundings.
     let mut sums = (s[0].reduce_add() as f64, q[0].reduce_add() as f64);
-    let tail = vectors.remainder();
+    let tail = rest.get(rest.len() / w * w..).unwrap_or_default();
     if w > 1 && !tail.is_empty() {
         let t = run_sums::<V::Half>(tail, k);
         sums.0 += t.0;
         sums.1 += t.1;
     }
     sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lcm;
+
+    /// `lcm` of a period that validation accepts but whose product with
+    /// the width does not fit in `usize` (an odd period of more than
+    /// `usize::MAX / 16` elements; on 32-bit targets from 2^28 on) is
+    /// `None`, the long-row path, not a wrapped small number.
+    #[test]
+    fn lcm_overflow_is_none() {
+        assert_eq!(lcm(3, 16), Some(48));
+        assert_eq!(lcm(24, 16), Some(48));
+        assert_eq!(lcm(1, 1), Some(1));
+        assert_eq!(lcm((usize::MAX / 8) | 1, 16), None);
+        assert_eq!(lcm(usize::MAX / 16 + 2, 16), None);
+        assert_eq!(
+            lcm((usize::MAX / 16) | 1, 16),
+            Some(((usize::MAX / 16) | 1) * 16)
+        );
+        for w in [2, 4, 8, 16] {
+            assert_eq!(lcm(usize::MAX, w), None, "w = {w}");
+        }
+        // Even periods whose lcm still fits.
+        assert_eq!(lcm(usize::MAX - 15, 16), Some(usize::MAX - 15));
+        assert_eq!(lcm(usize::MAX / 2 + 1, 16), Some(usize::MAX / 2 + 1));
+    }
 }

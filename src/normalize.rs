@@ -133,7 +133,9 @@ impl Act for Band {
 /// Where the kernel reads `x` and writes `y`: two slices, or one in place.
 /// Each method walks `len` elements from `start` in whole vectors of `V`
 /// with `chunks_exact`, so the hot loop has no bounds checks; `len` must be
-/// a multiple of `V::WIDTH` (tails go through narrower lanes).
+/// a multiple of `V::WIDTH` (tails go through narrower lanes). The ranges
+/// lie inside the tensor on every call; each is taken with `get`, so that
+/// no panic path exists (a range outside would be left unwritten).
 pub(crate) trait Io {
     /// `y = f(x)` with the same coefficients everywhere.
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V);
@@ -160,6 +162,18 @@ pub(crate) trait Io {
     );
 }
 
+/// `s[start..start + len]`, or `None` (no panic path).
+#[inline(always)]
+fn span(s: &[f32], start: usize, len: usize) -> Option<&[f32]> {
+    s.get(start..)?.get(..len)
+}
+
+/// `s[start..start + len]` mutably, or `None` (no panic path).
+#[inline(always)]
+fn span_mut(s: &mut [f32], start: usize, len: usize) -> Option<&mut [f32]> {
+    s.get_mut(start..)?.get_mut(..len)
+}
+
 pub(crate) struct Split<'a> {
     pub(crate) x: &'a [f32],
     pub(crate) y: &'a mut [f32],
@@ -176,18 +190,32 @@ impl Io for Split<'_> {
         f: impl Fn(V, V, V) -> V,
     ) {
         let (w, len) = (V::WIDTH, rows * NV * V::WIDTH);
-        let xs = self.x[start..start + len].chunks_exact(NV * w);
-        for (xr, yr) in xs.zip(self.y[start..start + len].chunks_exact_mut(NV * w)) {
+        let (Some(x), Some(y)) = (span(self.x, start, len), span_mut(self.y, start, len)) else {
+            return;
+        };
+        // Not `zip`: with a hundred instantiations the compiler outlined
+        // `Zip::new`, and with it a division by the chunk length that it
+        // could no longer see is not zero (a panic path).
+        let mut xs = x.chunks_exact(NV * w);
+        for yr in y.chunks_exact_mut(NV * w) {
+            let Some(xr) = xs.next() else {
+                return;
+            };
             for v in 0..NV {
-                f(V::load(&xr[v * w..]), pa[v], pb[v]).store(&mut yr[v * w..]);
+                // `get` (no panic path): the compiler does not always see
+                // that zipped chunks are `NV * w` long.
+                let x = V::load(xr.get(v * w..).unwrap_or_default());
+                f(x, pa[v], pb[v]).store(yr.get_mut(v * w..).unwrap_or_default());
             }
         }
     }
     #[inline(always)]
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V) {
         let w = V::WIDTH;
-        let xs = self.x[start..start + len].chunks_exact(w);
-        for (xc, yc) in xs.zip(self.y[start..start + len].chunks_exact_mut(w)) {
+        let (Some(x), Some(y)) = (span(self.x, start, len), span_mut(self.y, start, len)) else {
+            return;
+        };
+        for (xc, yc) in x.chunks_exact(w).zip(y.chunks_exact_mut(w)) {
             f(V::load(xc)).store(yc);
         }
     }
@@ -204,8 +232,10 @@ impl Io for Split<'_> {
         let (w, len) = (V::WIDTH, pa.len());
         for r in 0..rows {
             let base = start + r * stride;
-            let xs = self.x[base..base + len].chunks_exact(w);
-            let ys = self.y[base..base + len].chunks_exact_mut(w);
+            let (Some(x), Some(y)) = (span(self.x, base, len), span_mut(self.y, base, len)) else {
+                return;
+            };
+            let (xs, ys) = (x.chunks_exact(w), y.chunks_exact_mut(w));
             let ps = pa.chunks_exact(w).zip(pb.chunks_exact(w));
             for ((xc, yc), (ac, bc)) in xs.zip(ys).zip(ps) {
                 f(V::load(xc), V::load(ac), V::load(bc)).store(yc);
@@ -227,7 +257,10 @@ impl Io for InPlace<'_> {
         f: impl Fn(V, V, V) -> V,
     ) {
         let w = V::WIDTH;
-        for yr in self.0[start..start + rows * NV * w].chunks_exact_mut(NV * w) {
+        let Some(y) = span_mut(self.0, start, rows * NV * w) else {
+            return;
+        };
+        for yr in y.chunks_exact_mut(NV * w) {
             for v in 0..NV {
                 f(V::load(&yr[v * w..]), pa[v], pb[v]).store(&mut yr[v * w..]);
             }
@@ -235,7 +268,10 @@ impl Io for InPlace<'_> {
     }
     #[inline(always)]
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V) {
-        for yc in self.0[start..start + len].chunks_exact_mut(V::WIDTH) {
+        let Some(y) = span_mut(self.0, start, len) else {
+            return;
+        };
+        for yc in y.chunks_exact_mut(V::WIDTH) {
             f(V::load(yc)).store(yc);
         }
     }
@@ -252,7 +288,10 @@ impl Io for InPlace<'_> {
         let (w, len) = (V::WIDTH, pa.len());
         for r in 0..rows {
             let base = start + r * stride;
-            let ys = self.0[base..base + len].chunks_exact_mut(w);
+            let Some(y) = span_mut(self.0, base, len) else {
+                return;
+            };
+            let ys = y.chunks_exact_mut(w);
             for (yc, (ac, bc)) in ys.zip(pa.chunks_exact(w).zip(pb.chunks_exact(w))) {
                 f(V::load(yc), V::load(ac), V::load(bc)).store(yc);
             }
@@ -272,8 +311,14 @@ impl Coef<'_> {
     fn fill(&self, c0: usize, a: &mut [f32], b: &mut [f32]) {
         match *self {
             Coef::Given { a: ga, b: gb } => {
-                a.copy_from_slice(&ga[c0..c0 + a.len()]);
-                b.copy_from_slice(&gb[c0..c0 + b.len()]);
+                // Channels `c0 .. c0 + a.len()` exist on every call.
+                let (ga, gb) = (
+                    ga.get(c0..).unwrap_or_default(),
+                    gb.get(c0..).unwrap_or_default(),
+                );
+                for ((a, b), (&ga, &gb)) in a.iter_mut().zip(b.iter_mut()).zip(ga.iter().zip(gb)) {
+                    (*a, *b) = (ga, gb);
+                }
             }
             Coef::Fold(p) => fold_span(p, c0, a, b),
         }
@@ -282,19 +327,24 @@ impl Coef<'_> {
     /// Coefficients of positions `p0 .. p0 + a.len()`, position `p` in
     /// channel `p / div`.
     fn fill_positions(&self, p0: usize, div: usize, a: &mut [f32], b: &mut [f32]) {
-        if div == 1 {
+        // `div >= 1` on every call (0 would be no layout at all).
+        if div <= 1 {
             return self.fill(p0, a, b);
         }
         let (mut ta, mut tb) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
-        let mut i = 0;
-        while i < a.len() {
-            let c = (p0 + i) / div;
-            let end = ((p0 + a.len() - 1) / div + 1).min(c + CHUNK);
-            self.fill(c, &mut ta[..end - c], &mut tb[..end - c]);
-            while i < a.len() && (p0 + i) / div < end {
-                let j = (p0 + i) / div - c;
-                (a[i], b[i]) = (ta[j], tb[j]);
-                i += 1;
+        // The last channel; `staged` are the channels in `ta` and `tb`.
+        let last = (p0 + a.len()).saturating_sub(1) / div;
+        let mut staged = 0..0;
+        for ((a, b), p) in a.iter_mut().zip(b.iter_mut()).zip(p0..) {
+            let c = p / div;
+            if !staged.contains(&c) {
+                let m = (last.saturating_sub(c) + 1).min(CHUNK);
+                self.fill(c, &mut ta[..m], &mut tb[..m]);
+                staged = c..c + m;
+            }
+            let j = c - staged.start;
+            if let (Some(&ta), Some(&tb)) = (ta.get(j), tb.get(j)) {
+                (*a, *b) = (ta, tb);
             }
         }
     }
@@ -421,18 +471,25 @@ fn fold_f32(mean: f32, var: f32, scale: f32, offset: f32, eps: f32) -> (f32, f32
 /// [`fold_span`] for the (one to four) channels from `c`, `a.len()` of them.
 #[inline(always)]
 fn fold4(p: &Params<'_>, c: usize, a: &mut [f32], b: &mut [f32]) {
+    // Channels `c .. c + a.len()` (one to four) exist on every call; a
+    // missing one would read as 0 (`get`: no panic path).
     let m = a.len();
     let ch = |s: &[f32]| -> f64x4 {
-        let s = &s[c..c + m];
-        f64x4::new(core::array::from_fn(|j| s[j.min(m - 1)] as f64))
+        let s = s.get(c..).unwrap_or_default();
+        let s = s.get(..m).unwrap_or(s);
+        let mut t = [s.last().map_or(0.0, |&v| v as f64); 4];
+        for (t, &v) in t.iter_mut().zip(s) {
+            *t = v as f64;
+        }
+        f64x4::new(t)
     };
     let scale = p.scale.map_or(f64x4::splat(1.0), ch);
     let offset = p.offset.map_or(f64x4::splat(0.0), ch);
     let va = scale / (ch(p.variance) + f64x4::splat(p.epsilon as f64)).sqrt();
     let vb = offset - ch(p.mean) * va;
     let (va, vb) = (va.to_array(), vb.to_array());
-    for j in 0..m {
-        (a[j], b[j]) = (va[j] as f32, vb[j] as f32);
+    for ((a, b), (&va, &vb)) in a.iter_mut().zip(b.iter_mut()).zip(va.iter().zip(&vb)) {
+        (*a, *b) = (va as f32, vb as f32);
     }
 }
 
@@ -672,8 +729,10 @@ fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, ac
                 let cw = (c - c0).min(SEGMENT);
                 coef.fill(c0, &mut pa[..cw], &mut pb[..cw]);
                 for i in 0..n {
-                    for j in 0..cw {
-                        splat_span::<V, A, IO>(io, (i * c + c0 + j) * s, s, pa[j], pb[j], act);
+                    let mut start = (i * c + c0) * s;
+                    for (&a, &b) in pa[..cw].iter().zip(&pb[..cw]) {
+                        splat_span::<V, A, IO>(io, start, s, a, b, act);
+                        start += s;
                     }
                 }
                 c0 += cw;
@@ -716,24 +775,16 @@ fn pattern_rows<V: Lane, A: Act, IO: Io>(
     act: A,
 ) {
     let whole = pa.len() / V::WIDTH * V::WIDTH;
-    io.map_pattern::<V>(
-        start,
-        rows,
-        stride,
-        &pa[..whole],
-        &pb[..whole],
-        |x, a, b| act.apply(x.mul_add(a, b)),
-    );
-    if V::WIDTH > 1 && whole < pa.len() {
-        pattern_rows::<V::Half, A, IO>(
-            io,
-            start + whole,
-            rows,
-            stride,
-            &pa[whole..],
-            &pb[whole..],
-            act,
-        );
+    // `pb.len() == pa.len()` on every call.
+    let (Some((pa, ta)), Some((pb, tb))) = (pa.split_at_checked(whole), pb.split_at_checked(whole))
+    else {
+        return;
+    };
+    io.map_pattern::<V>(start, rows, stride, pa, pb, |x, a, b| {
+        act.apply(x.mul_add(a, b))
+    });
+    if V::WIDTH > 1 && !ta.is_empty() {
+        pattern_rows::<V::Half, A, IO>(io, start + whole, rows, stride, ta, tb, act);
     }
 }
 
@@ -747,16 +798,13 @@ fn super_rows<V: Lane, A: Act, IO: Io, const NV: usize>(
     act: A,
 ) {
     let w = V::WIDTH;
-    let va: [V; NV] = core::array::from_fn(|v| V::load(&pa[v * w..]));
-    let vb: [V; NV] = core::array::from_fn(|v| V::load(&pb[v * w..]));
-    io.map_rows::<V, NV>(0, rows, &va, &vb, |x, a, b| act.apply(x.mul_add(a, b)));
-}
-
-fn gcd(mut a: usize, mut b: usize) -> usize {
-    while b != 0 {
-        (a, b) = (b, a % b);
+    // `pa` and `pb` have `NV` vectors on every call.
+    let (mut va, mut vb) = ([V::splat(0.0); NV], [V::splat(0.0); NV]);
+    let pattern = pa.chunks_exact(w).zip(pb.chunks_exact(w));
+    for ((va, vb), (a, b)) in va.iter_mut().zip(vb.iter_mut()).zip(pattern) {
+        (*va, *vb) = (V::load(a), V::load(b));
     }
-    a
+    io.map_rows::<V, NV>(0, rows, &va, &vb, |x, a, b| act.apply(x.mul_add(a, b)));
 }
 
 /// Periodic tensors: `rows` rows of `period` elements, position `p` of a
@@ -770,24 +818,25 @@ fn periodic<V: Lane, A: Act, IO: Io>(
     act: A,
 ) {
     let w = V::WIDTH;
-    let lcm = period / gcd(period, w) * w;
-    if let (Coef::Given { a, b }, 1) = (coef, div) {
-        if lcm > SEGMENT {
-            // Long channels-last rows: the caller's coefficients are the pattern.
-            pattern_rows::<V, A, IO>(io, 0, rows, period, a, b, act);
-            return;
-        }
+    // `None` (longer than any pattern) when `lcm` does not fit in `usize`.
+    let lcm = crate::moments::lcm(period, w).filter(|&l| l <= SEGMENT);
+    if let (Coef::Given { a, b }, 1, None) = (coef, div, lcm) {
+        // Long channels-last rows: the caller's coefficients are the pattern.
+        pattern_rows::<V, A, IO>(io, 0, rows, period, a, b, act);
+        return;
     }
     let mut pa = [0.0f32; SEGMENT];
     let mut pb = [0.0f32; SEGMENT];
-    if lcm <= SEGMENT {
+    if let Some(lcm) = lcm {
         // Super-rows of `lcm` elements share one pattern; the partial last
-        // super-row uses a prefix of it.
+        // super-row uses a prefix of it. (`1 <= period <= lcm <= SEGMENT`:
+        // the `min`s and `max`es below only let the compiler see it.)
+        let period = period.min(lcm).max(1);
         coef.fill_positions(0, div, &mut pa[..period], &mut pb[..period]);
         for i in period..lcm {
             (pa[i], pb[i]) = (pa[i - period], pb[i - period]);
         }
-        let per = lcm / period;
+        let per = (lcm / period).max(1);
         let supers = rows / per;
         let (pa_, pb_) = (&pa[..lcm], &pb[..lcm]);
         // A compact build keeps the flash of the register kernels for the
@@ -807,7 +856,8 @@ fn periodic<V: Lane, A: Act, IO: Io>(
             16 => super_rows::<V, A, IO, 16>(io, supers, pa_, pb_, act),
             _ => pattern_rows::<V, A, IO>(io, 0, supers, lcm, pa_, pb_, act),
         }
-        let left = (rows - supers * per) * period;
+        // Fewer than `per` rows are left, less than one pattern.
+        let left = ((rows - supers * per) * period).min(lcm);
         pattern_rows::<V, A, IO>(io, supers * lcm, 1, 0, &pa[..left], &pb[..left], act);
     } else {
         // Rows longer than a pattern: one segment of positions at a time,

@@ -1449,10 +1449,12 @@ fn bad_shape(inp: &mut Input, layout: Layout, c: usize) -> (Shape, Error) {
             spatial: 1,
             channels: 4 + c,
         },
+        // `batch * spatial` is 2^(bits - 1) on every `usize` width (2^63
+        // on 64-bit targets), so twice that overflows.
         _ => Shape {
             layout,
-            batch: 1 << 32,
-            spatial: 1 << 31,
+            batch: 1 << (usize::BITS / 2),
+            spatial: 1 << (usize::BITS / 2 - 1),
             channels: 2 + c,
         },
     };
@@ -2295,13 +2297,16 @@ pub fn check_bad_input(data: &[u8]) {
         }
         // Huge (non-overflowing) shapes with small slices.
         _ => {
+            // 2^20 x 2^20 on 64-bit targets, 2^10 x 2^10 on 32-bit ones:
+            // far larger than the slices, with room for `c` in `usize`.
+            let half = usize::BITS * 5 / 16;
             let sh = Shape {
                 layout,
-                batch: 1 << 20,
-                spatial: 1 << 20,
+                batch: 1 << half,
+                spatial: 1 << half,
                 channels: c,
             };
-            let big = (1usize << 40) * c;
+            let big = (1usize << (2 * half)) * c;
             let mut y = sentinel(len);
             let (mut m, mut v) = (sentinel(c), sentinel(c));
             let mut recs = vec![Moments::EMPTY; c];
