@@ -621,7 +621,9 @@ pub fn check_backward(
                         * (amb_g + k.inv * k.inv * d.abs() * (amb_gd + uf_sum) + uf_sum);
                 }
                 if ambiguous(i) {
-                    bound += (k.p * dy[i] as f64).abs();
+                    // Either g: the other one's value, its 4 ε bound and
+                    // its final rounding.
+                    bound += (1.0 + 8.0 * f32::EPSILON as f64) * (k.p * dy[i] as f64).abs();
                 }
                 if want.abs() + bound >= big || bound.is_nan() {
                     continue;
