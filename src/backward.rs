@@ -297,9 +297,15 @@ trait Io {
     /// `dx = f(x, dy)` on `len` elements from `start` (a multiple of the
     /// width).
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V, V) -> V);
-    /// `dx = f(x, dy, coefficients)` on `pat.len()` elements from `start`,
-    /// vector `j` with the coefficients of pattern vector `j`.
-    fn map_pattern<V: Lane>(&mut self, start: usize, pat: Pat<'_>, f: impl Fn(V, V, Coefs<V>) -> V);
+    /// `rows` rows of `NV` vectors, `stride` apart from `start`: vector `k`
+    /// of each row is `dx = f(k, x, dy)`.
+    fn map_rows<V: Lane, const NV: usize>(
+        &mut self,
+        start: usize,
+        rows: usize,
+        stride: usize,
+        f: impl Fn(usize, V, V) -> V,
+    );
 }
 
 struct Split<'a> {
@@ -336,23 +342,6 @@ struct Pat<'a> {
 }
 
 impl<'a> Pat<'a> {
-    fn len(&self) -> usize {
-        self.a.len()
-    }
-
-    /// The coefficients of pattern vector after vector.
-    fn vectors<V: Lane + 'a>(self) -> impl Iterator<Item = Coefs<V>> + 'a {
-        let w = V::WIDTH;
-        let c = |s: &'a [f32]| s.chunks_exact(w).map(V::load);
-        c(self.a)
-            .zip(c(self.b))
-            .zip(c(self.m))
-            .zip(c(self.p))
-            .zip(c(self.q))
-            .zip(c(self.r))
-            .map(|(((((a, b), m), p), q), r)| Coefs { a, b, m, p, q, r })
-    }
-
     fn slice(&self, from: usize, to: usize) -> Option<Pat<'a>> {
         Some(Pat {
             a: self.a.get(from..to)?,
@@ -389,24 +378,28 @@ impl Io for Split<'_> {
         }
     }
     #[inline(always)]
-    fn map_pattern<V: Lane>(
+    fn map_rows<V: Lane, const NV: usize>(
         &mut self,
         start: usize,
-        pat: Pat<'_>,
-        f: impl Fn(V, V, Coefs<V>) -> V,
+        rows: usize,
+        stride: usize,
+        f: impl Fn(usize, V, V) -> V,
     ) {
         let w = V::WIDTH;
-        let r = start..start + pat.len();
-        let (Some(x), Some(dy), Some(dx)) = (
-            self.x.get(r.clone()),
-            self.dy.get(r.clone()),
-            self.dx.get_mut(r),
-        ) else {
-            return;
-        };
-        let ins = x.chunks_exact(w).zip(dy.chunks_exact(w));
-        for (((xc, dc), oc), k) in ins.zip(dx.chunks_exact_mut(w)).zip(pat.vectors::<V>()) {
-            f(V::load(xc), V::load(dc), k).store(oc);
+        for r in 0..rows {
+            let base = start + r * stride;
+            let span = base..base + NV * w;
+            let (Some(x), Some(dy), Some(dx)) = (
+                self.x.get(span.clone()),
+                self.dy.get(span.clone()),
+                self.dx.get_mut(span),
+            ) else {
+                return;
+            };
+            for k in 0..NV {
+                let o = k * w;
+                f(k, V::load(&x[o..]), V::load(&dy[o..])).store(&mut dx[o..]);
+            }
         }
     }
 }
@@ -430,20 +423,25 @@ impl Io for InPlace<'_> {
         }
     }
     #[inline(always)]
-    fn map_pattern<V: Lane>(
+    fn map_rows<V: Lane, const NV: usize>(
         &mut self,
         start: usize,
-        pat: Pat<'_>,
-        f: impl Fn(V, V, Coefs<V>) -> V,
+        rows: usize,
+        stride: usize,
+        f: impl Fn(usize, V, V) -> V,
     ) {
         let w = V::WIDTH;
-        let r = start..start + pat.len();
-        let (Some(x), Some(dy)) = (self.x.get(r.clone()), self.dy.get_mut(r)) else {
-            return;
-        };
-        let io = x.chunks_exact(w).zip(dy.chunks_exact_mut(w));
-        for ((xc, dc), k) in io.zip(pat.vectors::<V>()) {
-            f(V::load(xc), V::load(dc), k).store(dc);
+        for r in 0..rows {
+            let base = start + r * stride;
+            let span = base..base + NV * w;
+            let (Some(x), Some(dy)) = (self.x.get(span.clone()), self.dy.get_mut(span)) else {
+                return;
+            };
+            for k in 0..NV {
+                let o = k * w;
+                let v = f(k, V::load(&x[o..]), V::load(&dy[o..]));
+                v.store(&mut dy[o..]);
+            }
         }
     }
 }
@@ -889,36 +887,48 @@ fn lanes_f64<V: Lane>(v: V) -> f64 {
     t[..V::WIDTH].iter().map(|&l| l as f64).sum()
 }
 
-/// Pass 1 over a strip: whole vectors in register groups, then the tail
-/// columns with narrower lanes.
+/// Vectors in the next column group of a strip with `left` vectors left:
+/// 8, 4, or all of the last one to three, at most `max`.
+fn group_step(left: usize, max: usize) -> usize {
+    let step = if left >= 8 {
+        8
+    } else if left >= 4 {
+        4
+    } else {
+        left
+    };
+    step.min(max)
+}
+
+/// Pass 1 over a strip: blocks of at most [`INNER`] rows, each swept by
+/// column groups whose sums stay in registers; then the tail columns with
+/// narrower lanes.
 fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
     let w = V::WIDTH;
     let nv = t.len / w;
-    let mut v = 0;
-    while v < nv {
-        let left = nv - v;
-        let step = if left >= 8 && V::SLOTS >= 8 {
-            8
-        } else if left >= 4 {
-            4
-        } else if left >= 2 {
-            2
-        } else {
-            1
-        };
-        let sub = Strip {
-            start: t.start + v * w,
-            len: step * w,
-            off: t.off + v * w,
-            ..t
-        };
-        match step {
-            8 => sums_group::<V, M, 8>(x, dy, sub, win, mask),
-            4 => sums_group::<V, M, 4>(x, dy, sub, win, mask),
-            2 => sums_group::<V, M, 2>(x, dy, sub, win, mask),
-            _ => sums_group::<V, M, 1>(x, dy, sub, win, mask),
+    let mut r0 = 0;
+    while nv > 0 && r0 < t.rows {
+        let rb = (t.rows - r0).min(INNER);
+        let mut v = 0;
+        while v < nv {
+            let step = group_step(nv - v, V::SLOTS.max(4)).max(1);
+            let sub = Strip {
+                start: t.start + r0 * t.stride + v * w,
+                rows: rb,
+                len: step * w,
+                off: t.off + v * w,
+                ..t
+            };
+            match step {
+                8 => sums_group::<V, M, 8>(x, dy, sub, win, mask),
+                4 => sums_group::<V, M, 4>(x, dy, sub, win, mask),
+                3 => sums_group::<V, M, 3>(x, dy, sub, win, mask),
+                2 => sums_group::<V, M, 2>(x, dy, sub, win, mask),
+                _ => sums_group::<V, M, 1>(x, dy, sub, win, mask),
+            }
+            v += step;
         }
-        v += step;
+        r0 += rb;
     }
     let whole = nv * w;
     if w > 1 && whole < t.len {
@@ -932,8 +942,8 @@ fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, 
     }
 }
 
-/// `NV` vectors of a strip over all its rows, the sums in registers,
-/// flushed to `f64` every [`INNER`] rows.
+/// `NV` vectors of at most [`INNER`] rows of a strip, the sums in
+/// registers, then moved to the window's `f64` sums.
 #[inline(always)]
 fn sums_group<V: Lane, M: Mask, const NV: usize>(
     x: &[f32],
@@ -947,28 +957,23 @@ fn sums_group<V: Lane, M: Mask, const NV: usize>(
         core::array::from_fn(|k| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16])))
     };
     let (a, b, m) = (load(&win.a), load(&win.b), load(&win.m));
-    let mut r0 = 0;
-    while r0 < t.rows {
-        let rb = (t.rows - r0).min(INNER);
-        let mut sg = [V::splat(0.0); NV];
-        let mut sgd = [V::splat(0.0); NV];
-        for r in r0..r0 + rb {
-            let base = t.start + r * t.stride;
-            let span = base..base + NV * w;
-            let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) else {
-                break;
-            };
-            for k in 0..NV {
-                let xv = V::load(&xr[k * w..]);
-                let g = mask.keep(xv, a[k], b[k], V::load(&dr[k * w..]));
-                sg[k] = sg[k].add(g);
-                sgd[k] = g.mul_add(xv.sub(m[k]), sgd[k]);
-            }
-        }
+    let mut sg = [V::splat(0.0); NV];
+    let mut sgd = [V::splat(0.0); NV];
+    for r in 0..t.rows {
+        let base = t.start + r * t.stride;
+        let span = base..base + NV * w;
+        let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) else {
+            break;
+        };
         for k in 0..NV {
-            win.flush(t.off + k * w, sg[k], sgd[k]);
+            let xv = V::load(&xr[k * w..]);
+            let g = mask.keep(xv, a[k], b[k], V::load(&dr[k * w..]));
+            sg[k] = sg[k].add(g);
+            sgd[k] = g.mul_add(xv.sub(m[k]), sgd[k]);
         }
-        r0 += rb;
+    }
+    for k in 0..NV {
+        win.flush(t.off + k * w, sg[k], sgd[k]);
     }
 }
 
@@ -1003,20 +1008,38 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     }
 }
 
-/// `dx` of a strip, row by row in memory order; the tail columns with
-/// narrower lanes.
+/// `dx` of a strip: blocks of at most [`INNER`] rows, each swept by column
+/// groups with their coefficients in registers (or spilled to the stack
+/// once per block); then the tail columns with narrower lanes.
 fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
-    let whole = t.len / V::WIDTH * V::WIDTH;
-    if let Some(pat) = win.pat(t.off, t.off + whole) {
-        if whole > 0 {
-            for r in 0..t.rows {
-                io.map_pattern::<V>(t.start + r * t.stride, pat, |x, dy, k| {
-                    form.dx(mask.keep(x, k.a, k.b, dy), x, k)
-                });
+    let w = V::WIDTH;
+    let nv = t.len / w;
+    let mut r0 = 0;
+    while nv > 0 && r0 < t.rows {
+        let rb = (t.rows - r0).min(INNER);
+        let mut v = 0;
+        while v < nv {
+            let step = group_step(nv - v, 8).max(1);
+            let sub = Strip {
+                start: t.start + r0 * t.stride + v * w,
+                rows: rb,
+                len: step * w,
+                off: t.off + v * w,
+                ..t
+            };
+            match step {
+                8 => dx_group::<V, M, F, IO, 8>(io, sub, win, mask, form),
+                4 => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
+                3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
+                2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),
+                _ => dx_group::<V, M, F, IO, 1>(io, sub, win, mask, form),
             }
+            v += step;
         }
+        r0 += rb;
     }
-    if V::WIDTH > 1 && whole < t.len {
+    let whole = nv * w;
+    if w > 1 && whole < t.len {
         let tail = Strip {
             start: t.start + whole,
             len: t.len - whole,
@@ -1025,4 +1048,30 @@ fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win,
         };
         dx_strip::<V::Half, M, F, IO>(io, tail, win, mask, form);
     }
+}
+
+/// `dx` of `NV` vectors of a block of rows.
+#[inline(always)]
+fn dx_group<V: Lane, M: Mask, F: Form, IO: Io, const NV: usize>(
+    io: &mut IO,
+    t: Strip,
+    win: &Win,
+    mask: M,
+    form: F,
+) {
+    let w = V::WIDTH;
+    let ld =
+        |arr: &[f32; WINDOW], k: usize| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16]));
+    let ks: [Coefs<V>; NV] = core::array::from_fn(|k| Coefs {
+        a: ld(&win.a, k),
+        b: ld(&win.b, k),
+        m: ld(&win.m, k),
+        p: ld(&win.p, k),
+        q: ld(&win.q, k),
+        r: ld(&win.r, k),
+    });
+    io.map_rows::<V, NV>(t.start, t.rows, t.stride, |k, x, dy| {
+        let c = ks[k];
+        form.dx(mask.keep(x, c.a, c.b, dy), x, c)
+    });
 }
