@@ -42,7 +42,7 @@
 //!
 //! The sums are `f32` lane sums over blocks of at most [`INNER`] terms per
 //! lane (joined in a few more `f32` additions), then moved to `f64`: no
-//! `f32` sum ever grows over more than ~70 terms however large the batch.
+//! `f32` sum ever grows over more than ~72 terms however large the batch.
 //! Layouts are walked as in [`normalize`](crate::normalize): contiguous
 //! NCHW runs with splatted coefficients; periodic tensors (NHWC, or NCHW
 //! with fewer spatial positions than lanes) by super-rows of `lcm(period,
@@ -57,20 +57,22 @@
 //! f32::EPSILON`, `d = x - mean`, and the reference's per-channel `p`, `q`,
 //! `r` above, for finite data whose intermediate sums stay finite in `f32`:
 //!
-//! * `|doffset - ref| <= 36 ε Σ|g|`;
-//! * `|dscale - ref| <= 36 ε inv Σ|g d|`;
-//! * `|dx - ref| <= 4 ε (|p g| + |q d| + |r|) + 36 ε |p| / count (Σ|g| +
+//! * `|doffset - ref| <= 37 ε Σ|g|`;
+//! * `|dscale - ref| <= 37 ε inv Σ|g d|`;
+//! * `|dx - ref| <= 4 ε (|p g| + |q d| + |r|) + 37 ε |p| / count (Σ|g| +
 //!   inv² |d| Σ|g d|)` (training; inference: `4 ε |p g|`),
 //!
 //! each plus the final rounding to `f32`
 //! ([`reference::backward_bounds`](crate::reference::backward_bounds)
 //! computes them). Derivation: a term `g` or `g d` enters an `f32` lane sum
-//! of at most 64 terms, then at most two `f32` additions joining four
-//! accumulators (contiguous runs), then `f64`; with `u = ε / 2` that is at
-//! most 66 roundings of relative size `u` of partial sums bounded by `Σ|t|`,
-//! plus `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64`
-//! summation (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `68.01 u <=
-//! 36 ε` of `Σ|t|` (Higham, Accuracy and Stability, §4.2). `dscale` adds
+//! of at most 64 terms (63 roundings), then, on contiguous runs, two `f32`
+//! additions joining four accumulators and at most five reducing the lanes
+//! (`wide`'s `reduce_add`: a tree of depth 4 with AVX-512, pairs of halves
+//! summed in order elsewhere), then `f64`; with `u = ε / 2` that is at most
+//! 70 roundings of relative size `u` of partial sums bounded by `Σ|t|`, plus
+//! `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64` summation
+//! (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `72.01 u <= 37 ε` of
+//! `Σ|t|` (Higham, Accuracy and Stability, §4.2). `dscale` adds
 //! the `f64` `inv` (negligible). In `dx`, `p`, `q` and `r` are rounded to
 //! `f32` (`u` each), `fl(x - mean)`, `d * q + r` and `g * p + (..)` add a
 //! rounding each (unfused: two more): at most `7u` of `|p g| + |q d| + |r|`
@@ -82,7 +84,9 @@
 //! One window: six `f32` coefficients per position (`a`, `b`, `mean`, `p`,
 //! `q`, `r`; 1.5 KiB for [`WINDOW`] = 64), two `f64` sums per channel
 //! (1 KiB) and a position-to-channel table (64 bytes), plus two 16-lane
-//! staging arrays: about 2.7 KiB. No heap.
+//! staging arrays: about 2.7 KiB; and the register groups' coefficients
+//! where they spill (at most 6 x 4 vectors in pass 2: 384 bytes with
+//! 4-lane vectors, 1.5 KiB with 16). No heap.
 //!
 //! # Edge cases
 //!
@@ -856,8 +860,9 @@ fn run_sums<V: Lane, M: Mask>(
         if taken == 0 {
             break;
         }
-        tg += lanes_f64(sg[0].add(sg[1]).add(sg[2].add(sg[3])));
-        tgd += lanes_f64(sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])));
+        // Two f32 levels join the accumulators, at most five the lanes.
+        tg += sg[0].add(sg[1]).add(sg[2].add(sg[3])).reduce_add() as f64;
+        tgd += sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])).reduce_add() as f64;
         if taken < INNER {
             break;
         }
@@ -877,14 +882,6 @@ fn run_sums<V: Lane, M: Mask>(
         let (g, gd) = run_sums::<V::Half, M>(rx, rd, (a, b, m), mask);
         (tg + g, tgd + gd)
     }
-}
-
-/// The lanes of `v` summed in `f64`.
-#[inline(always)]
-fn lanes_f64<V: Lane>(v: V) -> f64 {
-    let mut t = [0.0f32; 16];
-    v.store(&mut t);
-    t[..V::WIDTH].iter().map(|&l| l as f64).sum()
 }
 
 /// Vectors in the next column group of a strip with `left` vectors left:
@@ -1019,7 +1016,7 @@ fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win,
         let rb = (t.rows - r0).min(INNER);
         let mut v = 0;
         while v < nv {
-            let step = group_step(nv - v, 8).max(1);
+            let step = group_step(nv - v, 4).max(1);
             let sub = Strip {
                 start: t.start + r0 * t.stride + v * w,
                 rows: rb,
@@ -1028,7 +1025,6 @@ fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win,
                 ..t
             };
             match step {
-                8 => dx_group::<V, M, F, IO, 8>(io, sub, win, mask, form),
                 4 => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
                 3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
                 2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),

@@ -479,9 +479,9 @@ pub fn backward(
     }
 }
 
-/// The error bound's constant on the backward pass's sums: `36 ε` of `Σ|t|`
+/// The error bound's constant on the backward pass's sums: `37 ε` of `Σ|t|`
 /// (see the `backward` module docs for the derivation).
-pub const BACKWARD_SUM: f64 = 36.0 * f32::EPSILON as f64;
+pub const BACKWARD_SUM: f64 = 37.0 * f32::EPSILON as f64;
 
 /// The bounds of the backward module docs for channel `c`, given the
 /// reference's quantities `k` and the sums `Σ|g|`, `Σ|g d|`: returns
@@ -491,7 +491,7 @@ pub fn backward_sum_bounds(k: &BackwardChannel, abs_g: f64, abs_gd: f64) -> (f64
 }
 
 /// The bound of the backward module docs on one `dx` (before its final
-/// rounding): `4 ε (|p g| + |q d| + |r|) + 36 ε |p| / count (Σ|g| + inv²
+/// rounding): `4 ε (|p g| + |q d| + |r|) + 37 ε |p| / count (Σ|g| + inv²
 /// |d| Σ|g d|)` in training mode, `4 ε |p g|` in inference mode.
 pub fn backward_dx_bound(
     k: &BackwardChannel,
