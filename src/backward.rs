@@ -108,6 +108,27 @@ pub const WINDOW: usize = 64;
 pub const INNER: usize = 64;
 
 /// Which statistics the forward pass normalized with.
+///
+/// ```
+/// use batchnorm::{backward, Activation, Gradients, Mode, Params, Shape};
+/// let x = [0.0f32, 2.0];
+/// let dy = [1.0f32, 3.0];
+/// let p = Params {
+///     mean: &[1.0],
+///     variance: &[1.0],
+///     scale: None,
+///     offset: None,
+///     epsilon: 3.0, // inv = 1 / sqrt(1 + 3) = 0.5
+///     activation: Activation::None,
+/// };
+/// let (mut dx, mut ds, mut dof) = ([0.0; 2], [0.0; 1], [0.0; 1]);
+/// let g = Gradients { dx: &mut dx, dscale: &mut ds, doffset: &mut dof };
+/// backward(&x, &dy, Shape::rows(2, 1), &p, Mode::Inference, g).unwrap();
+/// assert_eq!(dx, [0.5, 1.5]); // dy * inv: the statistics are constants
+/// let g = Gradients { dx: &mut dx, dscale: &mut ds, doffset: &mut dof };
+/// backward(&x, &dy, Shape::rows(2, 1), &p, Mode::Training, g).unwrap();
+/// assert_eq!(dx.iter().sum::<f32>(), 0.0); // the batch mean absorbs shifts
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// The batch's own mean and population variance (a training step):
@@ -121,6 +142,13 @@ pub enum Mode {
 
 /// The outputs of [`backward`]: `dx` has the shape of `x`; `dscale` and
 /// `doffset` have one entry per channel.
+///
+/// ```
+/// use batchnorm::Gradients;
+/// let (mut dx, mut dscale, mut doffset) = (vec![0.0f32; 12], [0.0f32; 3], [0.0f32; 3]);
+/// let grads = Gradients { dx: &mut dx, dscale: &mut dscale, doffset: &mut doffset };
+/// assert_eq!(grads.dx.len(), 12);
+/// ```
 #[derive(Debug)]
 pub struct Gradients<'a> {
     /// Gradient with respect to the input `x`.
@@ -214,7 +242,29 @@ pub fn backward_in_place(
 }
 
 impl Simd {
-    /// [`backward`] with this lane width.
+    /// [`backward`] with this lane width (every width runs on every machine;
+    /// the results agree within the module's bound, not bit for bit).
+    ///
+    /// ```
+    /// use batchnorm::{Activation, Gradients, Mode, Params, Shape, Simd};
+    /// let x: Vec<f32> = (0..40).map(|i| (i % 7) as f32).collect();
+    /// let dy: Vec<f32> = (0..40).map(|i| (i % 3) as f32 - 1.0).collect();
+    /// let p = Params {
+    ///     mean: &[3.0; 4],
+    ///     variance: &[4.0; 4],
+    ///     scale: None,
+    ///     offset: None,
+    ///     epsilon: 1e-3,
+    ///     activation: Activation::Relu,
+    /// };
+    /// let mut out = [[0.0f32; 40]; 2];
+    /// for (simd, dx) in [Simd::Scalar, Simd::X16].into_iter().zip(&mut out) {
+    ///     let (mut ds, mut dof) = ([0.0; 4], [0.0; 4]);
+    ///     let g = Gradients { dx, dscale: &mut ds, doffset: &mut dof };
+    ///     simd.backward(&x, &dy, Shape::rows(10, 4), &p, Mode::Training, g).unwrap();
+    /// }
+    /// assert!(out[0].iter().zip(&out[1]).all(|(a, b)| (a - b).abs() < 1e-5));
+    /// ```
     pub fn backward(
         self,
         x: &[f32],
@@ -246,6 +296,26 @@ impl Simd {
     }
 
     /// [`backward_in_place`] with this lane width.
+    ///
+    /// ```
+    /// use batchnorm::{Activation, Mode, Params, Shape, Simd};
+    /// let x = [1.0f32, 2.0, 3.0];
+    /// let mut dy = [1.0f32, 1.0, 1.0];
+    /// let p = Params {
+    ///     mean: &[2.0],
+    ///     variance: &[0.0],
+    ///     scale: None,
+    ///     offset: None,
+    ///     epsilon: 1.0,
+    ///     activation: Activation::None,
+    /// };
+    /// let (mut ds, mut dof) = ([0.0], [0.0]);
+    /// Simd::X4
+    ///     .backward_in_place(&x, &mut dy, Shape::rows(3, 1), &p, Mode::Training, &mut ds, &mut dof)
+    ///     .unwrap();
+    /// assert_eq!(dy, [0.0; 3]); // a constant gradient moves nothing
+    /// assert_eq!((ds[0], dof[0]), (0.0, 3.0));
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn backward_in_place(
         self,
