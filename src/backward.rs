@@ -84,7 +84,8 @@
 //! One window: six `f32` coefficients per position (`a`, `b`, `mean`, `p`,
 //! `q`, `r`; 1.5 KiB for [`WINDOW`] = 64), two `f64` sums per channel
 //! (1 KiB) and a position-to-channel table (64 bytes), plus two 16-lane
-//! staging arrays: about 2.7 KiB; and the register groups' coefficients
+//! staging arrays: about 2.7 KiB (10.3 KiB with the 64-bit hosts' window
+//! of 256); and the register groups' coefficients
 //! where they spill (at most 6 x 4 vectors in pass 2: 384 bytes with
 //! 4-lane vectors, 1.5 KiB with 16). No heap.
 //!
@@ -101,8 +102,21 @@ use crate::normalize::{fold_span, Activation, Params};
 use crate::shape::{Layout, Shape};
 
 /// Positions (and at most as many channels) whose coefficients and sums sit
-/// on the stack at once.
+/// on the stack at once: 256 on 64-bit hosts (x86-64, aarch64), where a
+/// channels-last row of up to 256 channels is then read in memory order and
+/// wider rows in strips of 1 KiB per row (strips of 64 positions, 256
+/// bytes per row, ran at a quarter of the roofline at DRAM size); 64
+/// elsewhere, for microcontroller stacks.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub const WINDOW: usize = 256;
+/// Positions (and at most as many channels) whose coefficients and sums sit
+/// on the stack at once (64 on targets other than x86-64 and aarch64).
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub const WINDOW: usize = 64;
+
+/// Rows a column group of the `dx` pass sweeps before the next group takes
+/// the same rows: a block of a 256-position strip stays in L1.
+const DX_ROWS: usize = 16;
 
 /// Terms an `f32` lane sum takes before it is moved to `f64`.
 pub const INNER: usize = 64;
@@ -1075,7 +1089,7 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     }
 }
 
-/// `dx` of a strip: blocks of at most [`INNER`] rows, each swept by column
+/// `dx` of a strip: blocks of at most [`DX_ROWS`] rows, each swept by column
 /// groups with their coefficients in registers (or spilled to the stack
 /// once per block); then the tail columns with narrower lanes.
 fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
@@ -1083,7 +1097,7 @@ fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win,
     let nv = t.len / w;
     let mut r0 = 0;
     while nv > 0 && r0 < t.rows {
-        let rb = (t.rows - r0).min(INNER);
+        let rb = (t.rows - r0).min(DX_ROWS);
         let mut v = 0;
         while v < nv {
             let step = group_step(nv - v, 4).max(1);
