@@ -42,7 +42,7 @@
 //!
 //! The sums are `f32` lane sums over blocks of at most [`INNER`] terms per
 //! lane (joined in a few more `f32` additions), then moved to `f64`: no
-//! `f32` sum ever grows over more than ~70 terms however large the batch.
+//! `f32` sum ever grows over more than ~72 terms however large the batch.
 //! Layouts are walked as in [`normalize`](crate::normalize): contiguous
 //! NCHW runs with splatted coefficients; periodic tensors (NHWC, or NCHW
 //! with fewer spatial positions than lanes) by super-rows of `lcm(period,
@@ -57,20 +57,22 @@
 //! f32::EPSILON`, `d = x - mean`, and the reference's per-channel `p`, `q`,
 //! `r` above, for finite data whose intermediate sums stay finite in `f32`:
 //!
-//! * `|doffset - ref| <= 36 ε Σ|g|`;
-//! * `|dscale - ref| <= 36 ε inv Σ|g d|`;
-//! * `|dx - ref| <= 4 ε (|p g| + |q d| + |r|) + 36 ε |p| / count (Σ|g| +
+//! * `|doffset - ref| <= 37 ε Σ|g|`;
+//! * `|dscale - ref| <= 37 ε inv Σ|g d|`;
+//! * `|dx - ref| <= 4 ε (|p g| + |q d| + |r|) + 37 ε |p| / count (Σ|g| +
 //!   inv² |d| Σ|g d|)` (training; inference: `4 ε |p g|`),
 //!
 //! each plus the final rounding to `f32`
 //! ([`reference::backward_bounds`](crate::reference::backward_bounds)
 //! computes them). Derivation: a term `g` or `g d` enters an `f32` lane sum
-//! of at most 64 terms, then at most two `f32` additions joining four
-//! accumulators (contiguous runs), then `f64`; with `u = ε / 2` that is at
-//! most 66 roundings of relative size `u` of partial sums bounded by `Σ|t|`,
-//! plus `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64`
-//! summation (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `68.01 u <=
-//! 36 ε` of `Σ|t|` (Higham, Accuracy and Stability, §4.2). `dscale` adds
+//! of at most 64 terms (63 roundings), then, on contiguous runs, two `f32`
+//! additions joining four accumulators and at most five reducing the lanes
+//! (`wide`'s `reduce_add`: a tree of depth 4 with AVX-512, pairs of halves
+//! summed in order elsewhere), then `f64`; with `u = ε / 2` that is at most
+//! 70 roundings of relative size `u` of partial sums bounded by `Σ|t|`, plus
+//! `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64` summation
+//! (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `72.01 u <= 37 ε` of
+//! `Σ|t|` (Higham, Accuracy and Stability, §4.2). `dscale` adds
 //! the `f64` `inv` (negligible). In `dx`, `p`, `q` and `r` are rounded to
 //! `f32` (`u` each), `fl(x - mean)`, `d * q + r` and `g * p + (..)` add a
 //! rounding each (unfused: two more): at most `7u` of `|p g| + |q d| + |r|`
@@ -82,7 +84,10 @@
 //! One window: six `f32` coefficients per position (`a`, `b`, `mean`, `p`,
 //! `q`, `r`; 1.5 KiB for [`WINDOW`] = 64), two `f64` sums per channel
 //! (1 KiB) and a position-to-channel table (64 bytes), plus two 16-lane
-//! staging arrays: about 2.7 KiB. No heap.
+//! staging arrays: about 2.7 KiB (10.3 KiB with the 64-bit hosts' window
+//! of 256); and the register groups' coefficients
+//! where they spill (at most 6 x 4 vectors in pass 2: 384 bytes with
+//! 4-lane vectors, 1.5 KiB with 16). No heap.
 //!
 //! # Edge cases
 //!
@@ -97,13 +102,47 @@ use crate::normalize::{fold_span, Activation, Params};
 use crate::shape::{Layout, Shape};
 
 /// Positions (and at most as many channels) whose coefficients and sums sit
-/// on the stack at once.
+/// on the stack at once: 256 on 64-bit hosts (x86-64, aarch64), where a
+/// channels-last row of up to 256 channels is then read in memory order and
+/// wider rows in strips of 1 KiB per row (strips of 64 positions, 256
+/// bytes per row, ran at a quarter of the roofline at DRAM size); 64
+/// elsewhere, for microcontroller stacks.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub const WINDOW: usize = 256;
+/// Positions (and at most as many channels) whose coefficients and sums sit
+/// on the stack at once (64 on targets other than x86-64 and aarch64).
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub const WINDOW: usize = 64;
+
+/// Rows a column group of the `dx` pass sweeps before the next group takes
+/// the same rows: a block of a 256-position strip stays in L1.
+const DX_ROWS: usize = 16;
 
 /// Terms an `f32` lane sum takes before it is moved to `f64`.
 pub const INNER: usize = 64;
 
 /// Which statistics the forward pass normalized with.
+///
+/// ```
+/// use batchnorm::{backward, Activation, Gradients, Mode, Params, Shape};
+/// let x = [0.0f32, 2.0];
+/// let dy = [1.0f32, 3.0];
+/// let p = Params {
+///     mean: &[1.0],
+///     variance: &[1.0],
+///     scale: None,
+///     offset: None,
+///     epsilon: 3.0, // inv = 1 / sqrt(1 + 3) = 0.5
+///     activation: Activation::None,
+/// };
+/// let (mut dx, mut ds, mut dof) = ([0.0; 2], [0.0; 1], [0.0; 1]);
+/// let g = Gradients { dx: &mut dx, dscale: &mut ds, doffset: &mut dof };
+/// backward(&x, &dy, Shape::rows(2, 1), &p, Mode::Inference, g).unwrap();
+/// assert_eq!(dx, [0.5, 1.5]); // dy * inv: the statistics are constants
+/// let g = Gradients { dx: &mut dx, dscale: &mut ds, doffset: &mut dof };
+/// backward(&x, &dy, Shape::rows(2, 1), &p, Mode::Training, g).unwrap();
+/// assert_eq!(dx.iter().sum::<f32>(), 0.0); // the batch mean absorbs shifts
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// The batch's own mean and population variance (a training step):
@@ -117,6 +156,13 @@ pub enum Mode {
 
 /// The outputs of [`backward`]: `dx` has the shape of `x`; `dscale` and
 /// `doffset` have one entry per channel.
+///
+/// ```
+/// use batchnorm::Gradients;
+/// let (mut dx, mut dscale, mut doffset) = (vec![0.0f32; 12], [0.0f32; 3], [0.0f32; 3]);
+/// let grads = Gradients { dx: &mut dx, dscale: &mut dscale, doffset: &mut doffset };
+/// assert_eq!(grads.dx.len(), 12);
+/// ```
 #[derive(Debug)]
 pub struct Gradients<'a> {
     /// Gradient with respect to the input `x`.
@@ -210,7 +256,29 @@ pub fn backward_in_place(
 }
 
 impl Simd {
-    /// [`backward`] with this lane width.
+    /// [`backward`] with this lane width (every width runs on every machine;
+    /// the results agree within the module's bound, not bit for bit).
+    ///
+    /// ```
+    /// use batchnorm::{Activation, Gradients, Mode, Params, Shape, Simd};
+    /// let x: Vec<f32> = (0..40).map(|i| (i % 7) as f32).collect();
+    /// let dy: Vec<f32> = (0..40).map(|i| (i % 3) as f32 - 1.0).collect();
+    /// let p = Params {
+    ///     mean: &[3.0; 4],
+    ///     variance: &[4.0; 4],
+    ///     scale: None,
+    ///     offset: None,
+    ///     epsilon: 1e-3,
+    ///     activation: Activation::Relu,
+    /// };
+    /// let mut out = [[0.0f32; 40]; 2];
+    /// for (simd, dx) in [Simd::Scalar, Simd::X16].into_iter().zip(&mut out) {
+    ///     let (mut ds, mut dof) = ([0.0; 4], [0.0; 4]);
+    ///     let g = Gradients { dx, dscale: &mut ds, doffset: &mut dof };
+    ///     simd.backward(&x, &dy, Shape::rows(10, 4), &p, Mode::Training, g).unwrap();
+    /// }
+    /// assert!(out[0].iter().zip(&out[1]).all(|(a, b)| (a - b).abs() < 1e-5));
+    /// ```
     pub fn backward(
         self,
         x: &[f32],
@@ -242,6 +310,26 @@ impl Simd {
     }
 
     /// [`backward_in_place`] with this lane width.
+    ///
+    /// ```
+    /// use batchnorm::{Activation, Mode, Params, Shape, Simd};
+    /// let x = [1.0f32, 2.0, 3.0];
+    /// let mut dy = [1.0f32, 1.0, 1.0];
+    /// let p = Params {
+    ///     mean: &[2.0],
+    ///     variance: &[0.0],
+    ///     scale: None,
+    ///     offset: None,
+    ///     epsilon: 1.0,
+    ///     activation: Activation::None,
+    /// };
+    /// let (mut ds, mut dof) = ([0.0], [0.0]);
+    /// Simd::X4
+    ///     .backward_in_place(&x, &mut dy, Shape::rows(3, 1), &p, Mode::Training, &mut ds, &mut dof)
+    ///     .unwrap();
+    /// assert_eq!(dy, [0.0; 3]); // a constant gradient moves nothing
+    /// assert_eq!((ds[0], dof[0]), (0.0, 3.0));
+    /// ```
     #[allow(clippy::too_many_arguments)]
     pub fn backward_in_place(
         self,
@@ -297,9 +385,15 @@ trait Io {
     /// `dx = f(x, dy)` on `len` elements from `start` (a multiple of the
     /// width).
     fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V, V) -> V);
-    /// `dx = f(x, dy, coefficients)` on `pat.len()` elements from `start`,
-    /// vector `j` with the coefficients of pattern vector `j`.
-    fn map_pattern<V: Lane>(&mut self, start: usize, pat: Pat<'_>, f: impl Fn(V, V, Coefs<V>) -> V);
+    /// `rows` rows of `NV` vectors, `stride` apart from `start`: vector `k`
+    /// of each row is `dx = f(k, x, dy)`.
+    fn map_rows<V: Lane, const NV: usize>(
+        &mut self,
+        start: usize,
+        rows: usize,
+        stride: usize,
+        f: impl Fn(usize, V, V) -> V,
+    );
 }
 
 struct Split<'a> {
@@ -336,23 +430,6 @@ struct Pat<'a> {
 }
 
 impl<'a> Pat<'a> {
-    fn len(&self) -> usize {
-        self.a.len()
-    }
-
-    /// The coefficients of pattern vector after vector.
-    fn vectors<V: Lane + 'a>(self) -> impl Iterator<Item = Coefs<V>> + 'a {
-        let w = V::WIDTH;
-        let c = |s: &'a [f32]| s.chunks_exact(w).map(V::load);
-        c(self.a)
-            .zip(c(self.b))
-            .zip(c(self.m))
-            .zip(c(self.p))
-            .zip(c(self.q))
-            .zip(c(self.r))
-            .map(|(((((a, b), m), p), q), r)| Coefs { a, b, m, p, q, r })
-    }
-
     fn slice(&self, from: usize, to: usize) -> Option<Pat<'a>> {
         Some(Pat {
             a: self.a.get(from..to)?,
@@ -389,24 +466,28 @@ impl Io for Split<'_> {
         }
     }
     #[inline(always)]
-    fn map_pattern<V: Lane>(
+    fn map_rows<V: Lane, const NV: usize>(
         &mut self,
         start: usize,
-        pat: Pat<'_>,
-        f: impl Fn(V, V, Coefs<V>) -> V,
+        rows: usize,
+        stride: usize,
+        f: impl Fn(usize, V, V) -> V,
     ) {
         let w = V::WIDTH;
-        let r = start..start + pat.len();
-        let (Some(x), Some(dy), Some(dx)) = (
-            self.x.get(r.clone()),
-            self.dy.get(r.clone()),
-            self.dx.get_mut(r),
-        ) else {
-            return;
-        };
-        let ins = x.chunks_exact(w).zip(dy.chunks_exact(w));
-        for (((xc, dc), oc), k) in ins.zip(dx.chunks_exact_mut(w)).zip(pat.vectors::<V>()) {
-            f(V::load(xc), V::load(dc), k).store(oc);
+        for r in 0..rows {
+            let base = start + r * stride;
+            let span = base..base + NV * w;
+            let (Some(x), Some(dy), Some(dx)) = (
+                self.x.get(span.clone()),
+                self.dy.get(span.clone()),
+                self.dx.get_mut(span),
+            ) else {
+                return;
+            };
+            for k in 0..NV {
+                let o = k * w;
+                f(k, V::load(&x[o..]), V::load(&dy[o..])).store(&mut dx[o..]);
+            }
         }
     }
 }
@@ -430,20 +511,25 @@ impl Io for InPlace<'_> {
         }
     }
     #[inline(always)]
-    fn map_pattern<V: Lane>(
+    fn map_rows<V: Lane, const NV: usize>(
         &mut self,
         start: usize,
-        pat: Pat<'_>,
-        f: impl Fn(V, V, Coefs<V>) -> V,
+        rows: usize,
+        stride: usize,
+        f: impl Fn(usize, V, V) -> V,
     ) {
         let w = V::WIDTH;
-        let r = start..start + pat.len();
-        let (Some(x), Some(dy)) = (self.x.get(r.clone()), self.dy.get_mut(r)) else {
-            return;
-        };
-        let io = x.chunks_exact(w).zip(dy.chunks_exact_mut(w));
-        for ((xc, dc), k) in io.zip(pat.vectors::<V>()) {
-            f(V::load(xc), V::load(dc), k).store(dc);
+        for r in 0..rows {
+            let base = start + r * stride;
+            let span = base..base + NV * w;
+            let (Some(x), Some(dy)) = (self.x.get(span.clone()), self.dy.get_mut(span)) else {
+                return;
+            };
+            for k in 0..NV {
+                let o = k * w;
+                let v = f(k, V::load(&x[o..]), V::load(&dy[o..]));
+                v.store(&mut dy[o..]);
+            }
         }
     }
 }
@@ -858,8 +944,9 @@ fn run_sums<V: Lane, M: Mask>(
         if taken == 0 {
             break;
         }
-        tg += lanes_f64(sg[0].add(sg[1]).add(sg[2].add(sg[3])));
-        tgd += lanes_f64(sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])));
+        // Two f32 levels join the accumulators, at most five the lanes.
+        tg += sg[0].add(sg[1]).add(sg[2].add(sg[3])).reduce_add() as f64;
+        tgd += sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])).reduce_add() as f64;
         if taken < INNER {
             break;
         }
@@ -881,44 +968,48 @@ fn run_sums<V: Lane, M: Mask>(
     }
 }
 
-/// The lanes of `v` summed in `f64`.
-#[inline(always)]
-fn lanes_f64<V: Lane>(v: V) -> f64 {
-    let mut t = [0.0f32; 16];
-    v.store(&mut t);
-    t[..V::WIDTH].iter().map(|&l| l as f64).sum()
+/// Vectors in the next column group of a strip with `left` vectors left:
+/// 8, 4, or all of the last one to three, at most `max`.
+fn group_step(left: usize, max: usize) -> usize {
+    let step = if left >= 8 {
+        8
+    } else if left >= 4 {
+        4
+    } else {
+        left
+    };
+    step.min(max)
 }
 
-/// Pass 1 over a strip: whole vectors in register groups, then the tail
-/// columns with narrower lanes.
+/// Pass 1 over a strip: blocks of at most [`INNER`] rows, each swept by
+/// column groups whose sums stay in registers; then the tail columns with
+/// narrower lanes.
 fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
     let w = V::WIDTH;
     let nv = t.len / w;
-    let mut v = 0;
-    while v < nv {
-        let left = nv - v;
-        let step = if left >= 8 && V::SLOTS >= 8 {
-            8
-        } else if left >= 4 {
-            4
-        } else if left >= 2 {
-            2
-        } else {
-            1
-        };
-        let sub = Strip {
-            start: t.start + v * w,
-            len: step * w,
-            off: t.off + v * w,
-            ..t
-        };
-        match step {
-            8 => sums_group::<V, M, 8>(x, dy, sub, win, mask),
-            4 => sums_group::<V, M, 4>(x, dy, sub, win, mask),
-            2 => sums_group::<V, M, 2>(x, dy, sub, win, mask),
-            _ => sums_group::<V, M, 1>(x, dy, sub, win, mask),
+    let mut r0 = 0;
+    while nv > 0 && r0 < t.rows {
+        let rb = (t.rows - r0).min(INNER);
+        let mut v = 0;
+        while v < nv {
+            let step = group_step(nv - v, V::SLOTS.max(4)).max(1);
+            let sub = Strip {
+                start: t.start + r0 * t.stride + v * w,
+                rows: rb,
+                len: step * w,
+                off: t.off + v * w,
+                ..t
+            };
+            match step {
+                8 => sums_group::<V, M, 8>(x, dy, sub, win, mask),
+                4 => sums_group::<V, M, 4>(x, dy, sub, win, mask),
+                3 => sums_group::<V, M, 3>(x, dy, sub, win, mask),
+                2 => sums_group::<V, M, 2>(x, dy, sub, win, mask),
+                _ => sums_group::<V, M, 1>(x, dy, sub, win, mask),
+            }
+            v += step;
         }
-        v += step;
+        r0 += rb;
     }
     let whole = nv * w;
     if w > 1 && whole < t.len {
@@ -932,8 +1023,8 @@ fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, 
     }
 }
 
-/// `NV` vectors of a strip over all its rows, the sums in registers,
-/// flushed to `f64` every [`INNER`] rows.
+/// `NV` vectors of at most [`INNER`] rows of a strip, the sums in
+/// registers, then moved to the window's `f64` sums.
 #[inline(always)]
 fn sums_group<V: Lane, M: Mask, const NV: usize>(
     x: &[f32],
@@ -947,28 +1038,23 @@ fn sums_group<V: Lane, M: Mask, const NV: usize>(
         core::array::from_fn(|k| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16])))
     };
     let (a, b, m) = (load(&win.a), load(&win.b), load(&win.m));
-    let mut r0 = 0;
-    while r0 < t.rows {
-        let rb = (t.rows - r0).min(INNER);
-        let mut sg = [V::splat(0.0); NV];
-        let mut sgd = [V::splat(0.0); NV];
-        for r in r0..r0 + rb {
-            let base = t.start + r * t.stride;
-            let span = base..base + NV * w;
-            let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) else {
-                break;
-            };
-            for k in 0..NV {
-                let xv = V::load(&xr[k * w..]);
-                let g = mask.keep(xv, a[k], b[k], V::load(&dr[k * w..]));
-                sg[k] = sg[k].add(g);
-                sgd[k] = g.mul_add(xv.sub(m[k]), sgd[k]);
-            }
-        }
+    let mut sg = [V::splat(0.0); NV];
+    let mut sgd = [V::splat(0.0); NV];
+    for r in 0..t.rows {
+        let base = t.start + r * t.stride;
+        let span = base..base + NV * w;
+        let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) else {
+            break;
+        };
         for k in 0..NV {
-            win.flush(t.off + k * w, sg[k], sgd[k]);
+            let xv = V::load(&xr[k * w..]);
+            let g = mask.keep(xv, a[k], b[k], V::load(&dr[k * w..]));
+            sg[k] = sg[k].add(g);
+            sgd[k] = g.mul_add(xv.sub(m[k]), sgd[k]);
         }
-        r0 += rb;
+    }
+    for k in 0..NV {
+        win.flush(t.off + k * w, sg[k], sgd[k]);
     }
 }
 
@@ -1003,20 +1089,37 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     }
 }
 
-/// `dx` of a strip, row by row in memory order; the tail columns with
-/// narrower lanes.
+/// `dx` of a strip: blocks of at most [`DX_ROWS`] rows, each swept by column
+/// groups with their coefficients in registers (or spilled to the stack
+/// once per block); then the tail columns with narrower lanes.
 fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
-    let whole = t.len / V::WIDTH * V::WIDTH;
-    if let Some(pat) = win.pat(t.off, t.off + whole) {
-        if whole > 0 {
-            for r in 0..t.rows {
-                io.map_pattern::<V>(t.start + r * t.stride, pat, |x, dy, k| {
-                    form.dx(mask.keep(x, k.a, k.b, dy), x, k)
-                });
+    let w = V::WIDTH;
+    let nv = t.len / w;
+    let mut r0 = 0;
+    while nv > 0 && r0 < t.rows {
+        let rb = (t.rows - r0).min(DX_ROWS);
+        let mut v = 0;
+        while v < nv {
+            let step = group_step(nv - v, 4).max(1);
+            let sub = Strip {
+                start: t.start + r0 * t.stride + v * w,
+                rows: rb,
+                len: step * w,
+                off: t.off + v * w,
+                ..t
+            };
+            match step {
+                4 => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
+                3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
+                2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),
+                _ => dx_group::<V, M, F, IO, 1>(io, sub, win, mask, form),
             }
+            v += step;
         }
+        r0 += rb;
     }
-    if V::WIDTH > 1 && whole < t.len {
+    let whole = nv * w;
+    if w > 1 && whole < t.len {
         let tail = Strip {
             start: t.start + whole,
             len: t.len - whole,
@@ -1025,4 +1128,30 @@ fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win,
         };
         dx_strip::<V::Half, M, F, IO>(io, tail, win, mask, form);
     }
+}
+
+/// `dx` of `NV` vectors of a block of rows.
+#[inline(always)]
+fn dx_group<V: Lane, M: Mask, F: Form, IO: Io, const NV: usize>(
+    io: &mut IO,
+    t: Strip,
+    win: &Win,
+    mask: M,
+    form: F,
+) {
+    let w = V::WIDTH;
+    let ld =
+        |arr: &[f32; WINDOW], k: usize| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16]));
+    let ks: [Coefs<V>; NV] = core::array::from_fn(|k| Coefs {
+        a: ld(&win.a, k),
+        b: ld(&win.b, k),
+        m: ld(&win.m, k),
+        p: ld(&win.p, k),
+        q: ld(&win.q, k),
+        r: ld(&win.r, k),
+    });
+    io.map_rows::<V, NV>(t.start, t.rows, t.stride, |k, x, dy| {
+        let c = ks[k];
+        form.dx(mask.keep(x, c.a, c.b, dy), x, c)
+    });
 }

@@ -21,6 +21,25 @@ use crate::shape::Shape;
 /// Where the output channel sits in a weight tensor, which fixes the
 /// channel of every weight element. `O` is the number of output channels
 /// (the length of the batch norm's `mean`).
+///
+/// ```
+/// use batchnorm::{fold_into_weights, Activation, Params, WeightLayout};
+/// // ConvTranspose2d(in = 2, out = 4, kernel 1x1, groups = 2): [I, O / g, 1, 1].
+/// // Input channel 0 feeds outputs 0, 1; input channel 1 feeds outputs 2, 3.
+/// let mut w = [1.0f32; 4];
+/// let params = Params {
+///     mean: &[0.0; 4],
+///     variance: &[0.0; 4],
+///     scale: Some(&[1.0, 2.0, 3.0, 4.0]),
+///     offset: None,
+///     epsilon: 1.0,
+///     activation: Activation::None,
+/// };
+/// let mut b = [0.0; 4];
+/// let layout = WeightLayout::OutSecond { groups: 2, kernel: 1 };
+/// fold_into_weights(&mut w, None, layout, &params, &mut b).unwrap();
+/// assert_eq!(w, [1.0, 2.0, 3.0, 4.0]);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightLayout {
     /// Output channel first, `[O, …]`: PyTorch `Conv2d` `OIHW` (grouped and

@@ -1,6 +1,7 @@
 //! Batch-normalization kernels over `f32` slices: per-channel moments in one
-//! pass, fused normalization with explicit SIMD lanes, and the moving-average
-//! update, with no allocator and no `std`.
+//! pass, fused normalization with explicit SIMD lanes, the moving-average
+//! update, the backward pass ([`backward`]) and folding into the previous
+//! layer's weights ([`fold_into_weights`]), with no allocator and no `std`.
 //!
 //! See the README for the design, the numerical and performance contracts
 //! and how the results compare with TensorFlow, Keras, PyTorch and ONNX.

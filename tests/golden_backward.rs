@@ -19,7 +19,7 @@
 //!   formula from its own batch statistics, which DESIGN §3 bounds
 //!   (`|dm| <= 1e-6 (|m| + σ)`, `|dv| <= 1e-5 v`; the frameworks' moments
 //!   are held to §3 by `tests/golden.rs`); its sums run over `count <= 64`
-//!   terms, fewer roundings than the 66 our bound allows for, and each
+//!   terms, fewer roundings than the 70 our bound allows for, and each
 //!   element sees at most the roundings `B`'s `4 ε` term covers (PyTorch's
 //!   CPU kernel and TF's graph both form `dy * scale * inv`, the two mean
 //!   terms and their sum). So it is within `B + S(§3)`.
