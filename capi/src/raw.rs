@@ -47,7 +47,15 @@ impl Region {
 
 /// `Err(BN_ERR_OVERLAP)` when an output shares a byte with another output
 /// or with an input (inputs may overlap each other: they are only read).
+/// A buffer longer than any allocation can be is `BN_ERR_LENGTH` first.
 pub(crate) fn disjoint(outputs: &[Region], inputs: &[Region]) -> Result<(), bn_status> {
+    if outputs
+        .iter()
+        .chain(inputs)
+        .any(|r| r.bytes > isize::MAX as usize)
+    {
+        return Err(bn_status::BN_ERR_LENGTH);
+    }
     for (i, out) in outputs.iter().enumerate() {
         let later_outputs = outputs.iter().skip(i + 1);
         if later_outputs.chain(inputs).any(|r| out.overlaps(*r)) {
