@@ -34,6 +34,7 @@
 //! thread writes any buffer of the call while it runs.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_docs)]
 #![warn(clippy::all)]
 // The types keep their C names, so the header reads as the Rust source.
@@ -56,11 +57,20 @@ use core::ffi::c_char;
 use raw::{disjoint, optional, read, slice, slice_mut, write, Region};
 
 /// Bare-metal targets need a panic handler to link the static library.
-/// None of the exported functions reaches it (every error is a status);
-/// were one ever to, the core would stop here rather than return garbage.
+/// None of the exported functions should reach it (every error is a
+/// status); were one ever to, an Arm core executes a permanently undefined
+/// instruction, a fault the firmware's HardFault handler sees (other
+/// architectures spin), rather than return garbage to C.
 #[cfg(all(target_os = "none", feature = "panic-handler"))]
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    #[cfg(target_arch = "arm")]
+    // SAFETY: `udf` raises an UsageFault/HardFault; it reads and writes no
+    // memory and never returns.
+    unsafe {
+        core::arch::asm!("udf #0", options(noreturn, nomem, nostack))
+    }
+    #[cfg(not(target_arch = "arm"))]
     loop {
         core::hint::spin_loop();
     }
