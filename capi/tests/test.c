@@ -489,7 +489,7 @@ static void error_codes(void) {
     /* A 2 x 3 tensor (rows), its statistics and outputs. */
     float x[6] = {1, 2, 3, 4, 5, 7}, y[6], mean[3], var[3], a[3], b[3];
     float mom[3] = {0, 0, 0}, mov[3] = {1, 1, 1}, bm[3], bv[3];
-    float big[8] __attribute__((aligned(16)));
+    _Alignas(16) float big[8];
     bn_shape sh = bn_shape_rows(2, 3);
     bn_activation none = {BN_ACTIVATION_NONE, 0, 0};
     float ones[3] = {1, 1, 1}, zeros[3] = {0, 0, 0};
