@@ -15,6 +15,8 @@ the same group on the same bytes:
     moments                     vs roofline_read (or roofline)     target 0.9
     affine, normalize*, infer   vs roofline_rw                     target 0.9
     train                       vs roofline_read + roofline_rw     target 0.85
+    backward*                   vs roofline_read2 + roofline_rw2   target 0.85
+                                   (sums over x and dy, then dx from them)
                                    (the three-pass limit: times add up)
     anything else               vs roofline_read (or roofline)     no target
 
@@ -95,6 +97,9 @@ def limit_for(func, funcs):
     rw = funcs.get("roofline_rw")
     if func == "train" and read and rw:
         return "read+rw", read[1] + rw[1], TRAIN_TARGET
+    read2, rw2 = funcs.get("roofline_read2"), funcs.get("roofline_rw2")
+    if func.startswith("backward") and read2 and rw2:
+        return "read2+rw2", read2[1] + rw2[1], TRAIN_TARGET
     if func.startswith(RW_KERNELS) and rw:
         return "roofline_rw", rw[1], TARGET
     if read:

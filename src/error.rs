@@ -43,6 +43,16 @@ pub enum Error {
         /// Upper bound.
         max: f32,
     },
+    /// A weight tensor of `len` elements that its
+    /// [`WeightLayout`](crate::WeightLayout) cannot split into `channels`
+    /// output channels (a length that does not divide, or zero groups,
+    /// kernel size or depth multiplier).
+    Weights {
+        /// Length of the weight slice.
+        len: usize,
+        /// Output channels (the length of `mean`).
+        channels: usize,
+    },
 }
 
 impl fmt::Display for Error {
@@ -72,6 +82,10 @@ impl fmt::Display for Error {
                     "clamp bounds min {min}, max {max}: need min <= max, no NaN"
                 )
             }
+            Error::Weights { len, channels } => write!(
+                f,
+                "a weight of {len} elements does not split into {channels} output channels in this layout"
+            ),
         }
     }
 }

@@ -55,6 +55,13 @@ pub(crate) trait Lane: Copy {
     fn floor_at(self, lo: Self) -> Self;
     /// Lane-wise `if self > hi { hi } else { self }`: NaN stays NaN.
     fn ceil_at(self, hi: Self) -> Self;
+    /// Lane-wise `self * m` (one rounding).
+    fn mul(self, m: Self) -> Self;
+    /// Lane-wise `if self > lo { v } else { 0 }`: the backward pass's
+    /// activation mask (a NaN in `self` gives 0, as PyTorch's does).
+    fn keep_above(self, lo: Self, v: Self) -> Self;
+    /// Lane-wise `if self < hi { v } else { 0 }`.
+    fn keep_below(self, hi: Self, v: Self) -> Self;
 }
 
 impl Lane for f32 {
@@ -107,6 +114,26 @@ impl Lane for f32 {
             hi
         } else {
             self
+        }
+    }
+    #[inline(always)]
+    fn mul(self, m: Self) -> Self {
+        self * m
+    }
+    #[inline(always)]
+    fn keep_above(self, lo: Self, v: Self) -> Self {
+        if self > lo {
+            v
+        } else {
+            0.0
+        }
+    }
+    #[inline(always)]
+    fn keep_below(self, hi: Self, v: Self) -> Self {
+        if self < hi {
+            v
+        } else {
+            0.0
         }
     }
 }
@@ -177,6 +204,19 @@ macro_rules! wide_lane {
                 } else {
                     self.simd_gt(hi).select(hi, self)
                 }
+            }
+            #[inline(always)]
+            fn mul(self, m: Self) -> Self {
+                self * m
+            }
+            #[inline(always)]
+            fn keep_above(self, lo: Self, v: Self) -> Self {
+                // The comparison's lanes are all ones or all zeros.
+                self.simd_gt(lo) & v
+            }
+            #[inline(always)]
+            fn keep_below(self, hi: Self, v: Self) -> Self {
+                self.simd_lt(hi) & v
             }
         }
     };

@@ -12,6 +12,7 @@
 //! - a training step writes the batch statistics into a caller's [`Batch`],
 //!   which is what the backward pass reads.
 
+use crate::backward::{Gradients, Mode};
 use crate::ema::{self, Config, MovingStats};
 use crate::error::{check_len, Error};
 use crate::lanes::Simd;
@@ -218,6 +219,48 @@ impl<'a> BatchNorm<'a> {
         Ok(())
     }
 
+    /// The backward pass of a training step: `dx`, `dscale`, `doffset` from
+    /// the step's input `x`, the loss's gradient `dy` with respect to its
+    /// output, the same `params`, and the `batch` statistics the step left
+    /// (through the fused activation's mask and the batch statistics; see
+    /// [`backward`](crate::backward) for the formulas and the error bound).
+    ///
+    /// Errors (nothing written): lengths that do not match `shape` or the
+    /// layer's channels, or an empty batch.
+    pub fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        shape: Shape,
+        params: ScaleOffset<'_>,
+        batch: &Batch<'_>,
+        grads: Gradients<'_>,
+    ) -> Result<(), Error> {
+        self.check(x.len(), shape, params)?;
+        let p = params.params(batch.mean, batch.variance, &self.config);
+        self.simd.backward(x, dy, shape, &p, Mode::Training, grads)
+    }
+
+    /// The backward pass of [`infer`](BatchNorm::infer): the moving
+    /// statistics are constants, so `dx = dy * scale / sqrt(var + eps)`
+    /// (masked by the activation); for fine-tuning around a frozen layer.
+    /// An empty batch sets `dscale` and `doffset` to 0.
+    ///
+    /// Errors (nothing written): lengths that do not match `shape` or the
+    /// layer's channels.
+    pub fn backward_infer(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        shape: Shape,
+        params: ScaleOffset<'_>,
+        grads: Gradients<'_>,
+    ) -> Result<(), Error> {
+        self.check(x.len(), shape, params)?;
+        let p = params.params(self.moving.mean, self.moving.variance, &self.config);
+        self.simd.backward(x, dy, shape, &p, Mode::Inference, grads)
+    }
+
     /// Validates `x` and the parameters against `shape` and the layer.
     fn check(&self, x: usize, shape: Shape, params: ScaleOffset<'_>) -> Result<(), Error> {
         shape.check("x", x)?;
@@ -384,6 +427,21 @@ impl<const C: usize> BatchNormArray<C> {
         let p = self.check(x.len(), shape)?;
         normalize::run_folded(Simd::detect(), &mut InPlace(x), shape, &p);
         Ok(())
+    }
+
+    /// [`BatchNorm::backward`] of the last training step, with the layer's
+    /// own parameters and kept batch statistics.
+    pub fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        shape: Shape,
+        grads: Gradients<'_>,
+    ) -> Result<(), Error> {
+        self.check(x.len(), shape)?;
+        let so = ScaleOffset::new(&self.scale, &self.offset);
+        let p = so.params(&self.batch_mean, &self.batch_variance, &self.config);
+        Simd::detect().backward(x, dy, shape, &p, Mode::Training, grads)
     }
 
     /// Validates an inference call; its parameters.

@@ -21,8 +21,10 @@
 #![deny(missing_docs)]
 #![warn(clippy::all)]
 
+mod backward;
 mod ema;
 mod error;
+mod fold;
 mod lanes;
 mod layer;
 mod moments;
@@ -30,8 +32,10 @@ mod normalize;
 pub mod reference;
 mod shape;
 
+pub use backward::{backward, backward_in_place, Gradients, Mode};
 pub use ema::{update_moving, Config, Momentum, MovingStats};
 pub use error::Error;
+pub use fold::{fold_into_weights, WeightLayout};
 pub use lanes::Simd;
 pub use layer::{Batch, BatchNorm, BatchNormArray, ScaleOffset};
 pub use moments::{accumulate, moments, Moments, BLOCK_ROWS, GROUP_CHANNELS};

@@ -299,7 +299,7 @@ impl Coef<'_> {
 /// `reference::fold` rounded to `f32`, NaN payloads aside. The last group of
 /// fewer than four channels goes through the same code, its spare lanes
 /// repeating its last channel and left unstored.
-fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
+pub(crate) fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
     let mut ga = a.chunks_exact_mut(4);
     let mut gb = b.chunks_exact_mut(4);
     let mut c = c0;

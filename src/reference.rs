@@ -357,3 +357,284 @@ pub fn update_moving(
         moving.1 as f64 * d + batch.1 as f64 * bessel * w,
     )
 }
+
+/// Whether the backward pass lets `dy` through at the forward's
+/// pre-activation output `y`: always without an activation, `y > 0` for
+/// ReLU, strictly inside the band for ReLU6 and `Clamp` (false for NaN).
+pub fn passes(activation: crate::Activation, y: f64) -> bool {
+    match activation {
+        crate::Activation::None => true,
+        crate::Activation::Relu => y > 0.0,
+        crate::Activation::Relu6 => 0.0 < y && y < 6.0,
+        crate::Activation::Clamp { min, max } => (min as f64) < y && y < max as f64,
+    }
+}
+
+/// The activation mask's coefficients of channel `c`: the forward's folded
+/// `a`, `b` rounded to `f32` (what [`crate::fold`] returns, bit for bit).
+fn mask_fold(p: &crate::Params<'_>, c: usize) -> (f64, f64) {
+    let (a, b) = channel_fold(p, c);
+    (a as f32 as f64, b as f32 as f64)
+}
+
+/// The per-channel quantities of the backward pass, in `f64` (see
+/// [`backward`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BackwardChannel {
+    /// `1 / sqrt(var + eps)`.
+    pub inv: f64,
+    /// `Σ g`.
+    pub doffset: f64,
+    /// `Σ g (x - mean) inv`.
+    pub dscale: f64,
+    /// `scale * inv`.
+    pub p: f64,
+    /// `-p inv dscale / count` (0 in inference mode).
+    pub q: f64,
+    /// `-p doffset / count` (0 in inference mode).
+    pub r: f64,
+}
+
+/// `g`, the incoming gradient `dy` of element `i` of channel `c` after the
+/// activation mask (the mask from `y = x a + b` evaluated exactly with the
+/// `f32` coefficients).
+fn masked(x: &[f32], dy: &[f32], params: &crate::Params<'_>, c: usize, i: usize) -> f64 {
+    let (a, b) = mask_fold(params, c);
+    if passes(params.activation, x[i] as f64 * a + b) {
+        dy[i] as f64
+    } else {
+        0.0
+    }
+}
+
+/// The backward quantities of channel `c`, two passes (the first sums `g`
+/// and `g (x - mean)`).
+pub fn backward_channel(
+    x: &[f32],
+    dy: &[f32],
+    shape: Shape,
+    params: &crate::Params<'_>,
+    mode: crate::Mode,
+    c: usize,
+) -> BackwardChannel {
+    let count = (shape.batch * shape.spatial) as f64;
+    let mean = params.mean[c] as f64;
+    let inv = 1.0 / libm::sqrt(params.variance[c] as f64 + params.epsilon as f64);
+    let scale = params.scale.map_or(1.0, |s| s[c] as f64);
+    let (mut sg, mut sgd) = (0.0, 0.0);
+    for n in 0..shape.batch {
+        for s in 0..shape.spatial {
+            let i = index(shape, n, s, c);
+            let g = masked(x, dy, params, c, i);
+            sg += g;
+            sgd += g * (x[i] as f64 - mean);
+        }
+    }
+    let dscale = sgd * inv;
+    let p = scale * inv;
+    let (q, r) = match mode {
+        crate::Mode::Training => (-p * inv * dscale / count, -p * sg / count),
+        crate::Mode::Inference => (0.0, 0.0),
+    };
+    BackwardChannel {
+        inv,
+        doffset: sg,
+        dscale,
+        p,
+        q,
+        r,
+    }
+}
+
+/// The backward pass in `f64` (DESIGN §1): per channel `doffset = Σ g`,
+/// `dscale = Σ g x̂` with `x̂ = (x - mean) inv`, and `dx = scale inv / count
+/// (count g - doffset - x̂ dscale)` in training mode, `dx = g scale inv` in
+/// inference mode; `g` is `dy` masked by the activation's derivative at
+/// `y = x a + b` (the forward's `f32` coefficients, exact arithmetic).
+/// Panics on lengths that do not match (a test oracle, not a kernel).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &[f32],
+    dy: &[f32],
+    shape: Shape,
+    params: &crate::Params<'_>,
+    mode: crate::Mode,
+    dx: &mut [f64],
+    dscale: &mut [f64],
+    doffset: &mut [f64],
+) {
+    let count = (shape.batch * shape.spatial) as f64;
+    for c in 0..shape.channels {
+        let k = backward_channel(x, dy, shape, params, mode, c);
+        dscale[c] = k.dscale;
+        doffset[c] = k.doffset;
+        let scale = params.scale.map_or(1.0, |s| s[c] as f64);
+        for n in 0..shape.batch {
+            for s in 0..shape.spatial {
+                let i = index(shape, n, s, c);
+                let g = masked(x, dy, params, c, i);
+                dx[i] = match mode {
+                    crate::Mode::Training => {
+                        let xhat = (x[i] as f64 - params.mean[c] as f64) * k.inv;
+                        scale * k.inv / count * (count * g - k.doffset - xhat * k.dscale)
+                    }
+                    crate::Mode::Inference => g * scale * k.inv,
+                };
+            }
+        }
+    }
+}
+
+/// The error bound's constant on the backward pass's sums: `36 ε` of `Σ|t|`
+/// (see the `backward` module docs for the derivation).
+pub const BACKWARD_SUM: f64 = 36.0 * f32::EPSILON as f64;
+
+/// The bounds of the backward module docs for channel `c`, given the
+/// reference's quantities `k` and the sums `Σ|g|`, `Σ|g d|`: returns
+/// `(doffset bound, dscale bound)`.
+pub fn backward_sum_bounds(k: &BackwardChannel, abs_g: f64, abs_gd: f64) -> (f64, f64) {
+    (BACKWARD_SUM * abs_g, BACKWARD_SUM * k.inv * abs_gd)
+}
+
+/// The bound of the backward module docs on one `dx` (before its final
+/// rounding): `4 ε (|p g| + |q d| + |r|) + 36 ε |p| / count (Σ|g| + inv²
+/// |d| Σ|g d|)` in training mode, `4 ε |p g|` in inference mode.
+pub fn backward_dx_bound(
+    k: &BackwardChannel,
+    mode: crate::Mode,
+    g: f64,
+    d: f64,
+    count: f64,
+    abs_g: f64,
+    abs_gd: f64,
+) -> f64 {
+    let eps = f32::EPSILON as f64;
+    match mode {
+        crate::Mode::Training => {
+            4.0 * eps * ((k.p * g).abs() + (k.q * d).abs() + k.r.abs())
+                + BACKWARD_SUM * k.p.abs() / count * (abs_g + k.inv * k.inv * d.abs() * abs_gd)
+        }
+        crate::Mode::Inference => 4.0 * eps * (k.p * g).abs(),
+    }
+}
+
+/// The oracle for [`crate::backward`]: `dx`, `dscale` and `doffset`
+/// against [`backward`] within the module's bounds (plus the final rounding
+/// to `f32` and, for results in the subnormal range, `2^-149` per rounding
+/// involved).
+///
+/// The mask: an element whose exact `y = x a + b` is so close to a bound of
+/// the activation that the forward's `f32` rounding (fused or not) may put
+/// it on either side is *ambiguous*: its `g` may be `dy` or 0, and the
+/// bounds of its channel grow by what that changes.
+///
+/// Channels without a numerical promise are skipped: any non-finite input
+/// or parameter, `|x| > MAX_MAGNITUDE`, or sums or coefficients that reach
+/// `f32::MAX / 4` (the `f32` intermediates may overflow where `f64` does
+/// not).
+#[allow(clippy::too_many_arguments)]
+pub fn check_backward(
+    x: &[f32],
+    dy: &[f32],
+    shape: Shape,
+    params: &crate::Params<'_>,
+    mode: crate::Mode,
+    dx: &[f32],
+    dscale: &[f32],
+    doffset: &[f32],
+) -> Result<(), Mismatch> {
+    const TINY: f64 = 1.401298464324817e-45; // 2^-149
+    let u = f32::EPSILON as f64 / 2.0;
+    let big = f32::MAX as f64 / 4.0;
+    let count = (shape.batch * shape.spatial) as f64;
+    let half_ulp = |r: f64| (r as f32 as f64 - r).abs();
+    for c in 0..shape.channels {
+        let scale = params.scale.map_or(1.0, |s| s[c]);
+        let offset = params.offset.map_or(0.0, |o| o[c]);
+        let finite_params = [params.mean[c], params.variance[c], scale, offset]
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite_params || channel_domain(x, shape, c) != Domain::Finite {
+            continue;
+        }
+        let k = backward_channel(x, dy, shape, params, mode, c);
+        let (a, b) = mask_fold(params, c);
+        let mean = params.mean[c] as f64;
+        let (mut abs_g, mut abs_gd, mut amb_g, mut amb_gd) = (0.0, 0.0, 0.0, 0.0);
+        let mut ok = [k.inv, k.p, k.q, k.r, k.dscale, k.doffset]
+            .iter()
+            .all(|v| v.abs() < big)
+            && a.is_finite()
+            && b.is_finite();
+        let ambiguous = |i: usize| -> bool {
+            let (lo, hi) = match params.activation {
+                crate::Activation::None => return false,
+                crate::Activation::Relu => (0.0, f64::INFINITY),
+                crate::Activation::Relu6 => (0.0, 6.0),
+                crate::Activation::Clamp { min, max } => (min as f64, max as f64),
+            };
+            let xa = x[i] as f64 * a;
+            let y = xa + b;
+            let slack = 2.01 * u * (xa.abs() + b.abs()) + 2.0 * TINY;
+            xa.abs() + b.abs() >= big || (y - lo).abs() <= slack || (y - hi).abs() <= slack
+        };
+        for n in 0..shape.batch {
+            for s in 0..shape.spatial {
+                let i = index(shape, n, s, c);
+                if !dy[i].is_finite() {
+                    ok = false;
+                }
+                let d = (x[i] as f64 - mean).abs();
+                let g = masked(x, dy, params, c, i).abs();
+                abs_g += g;
+                abs_gd += g * d;
+                if ambiguous(i) {
+                    amb_g += (dy[i] as f64).abs();
+                    amb_gd += (dy[i] as f64).abs() * d;
+                }
+            }
+        }
+        if !ok || abs_g + amb_g >= big || (abs_gd + amb_gd) * k.inv.max(1.0) >= big {
+            continue;
+        }
+        let (bo, bs) = backward_sum_bounds(&k, abs_g, abs_gd);
+        let uf_sum = (count + 8.0) * TINY;
+        compare(
+            "doffset",
+            c,
+            doffset[c] as f64,
+            k.doffset,
+            bo + amb_g + half_ulp(k.doffset) + uf_sum,
+        )?;
+        compare(
+            "dscale",
+            c,
+            dscale[c] as f64,
+            k.dscale,
+            bs + k.inv * (amb_gd + uf_sum) + half_ulp(k.dscale) + uf_sum,
+        )?;
+        for n in 0..shape.batch {
+            for s in 0..shape.spatial {
+                let i = index(shape, n, s, c);
+                let g = masked(x, dy, params, c, i);
+                let d = x[i] as f64 - mean;
+                let want = g * k.p + d * k.q + k.r;
+                let mut bound = backward_dx_bound(&k, mode, g, d, count, abs_g, abs_gd)
+                    + half_ulp(want)
+                    + (g.abs() + d.abs() + 8.0) * TINY;
+                if mode == crate::Mode::Training {
+                    bound += k.p.abs() / count
+                        * (amb_g + k.inv * k.inv * d.abs() * (amb_gd + uf_sum) + uf_sum);
+                }
+                if ambiguous(i) {
+                    bound += (k.p * dy[i] as f64).abs();
+                }
+                if want.abs() + bound >= big || bound.is_nan() {
+                    continue;
+                }
+                compare("dx", i, dx[i] as f64, want, bound)?;
+            }
+        }
+    }
+    Ok(())
+}

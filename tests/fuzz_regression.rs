@@ -12,11 +12,12 @@ use std::path::PathBuf;
 
 type Check = fn(&[u8]);
 
-const TARGETS: [(&str, Check); 5] = [
+const TARGETS: [(&str, Check); 6] = [
     ("moments", checks::check_moments),
     ("accumulate", checks::check_accumulate),
     ("normalize", checks::check_normalize),
     ("train", checks::check_train),
+    ("backward", checks::check_backward),
     ("bad_input", checks::check_bad_input),
 ];
 
@@ -83,6 +84,11 @@ fn train_corpus() {
 }
 
 #[test]
+fn backward_corpus() {
+    run_corpus("backward", checks::check_backward);
+}
+
+#[test]
 fn bad_input_corpus() {
     run_corpus("bad_input", checks::check_bad_input);
 }
@@ -128,8 +134,8 @@ fn hand_written_inputs() {
 #[test]
 fn bad_input_every_path() {
     for simd in 0..4u8 {
-        for api in 0..16u8 {
-            for defect in 0..9u8 {
+        for api in 0..18u8 {
+            for defect in (0..10u8).chain([0x40, 0x47, 0x49, 0x80, 0x82, 0xc9]) {
                 for pick in [0u8, 1, 2, 3, 4, 5, 6, 7, 8] {
                     let data = [
                         simd, api, 2, 3, 4, api, defect, 1, 2, 3, 4, 5, 6, 7, 8, pick, pick, 1,

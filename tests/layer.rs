@@ -686,3 +686,120 @@ fn layer_survives_optimizer_steps_and_a_checkpoint() {
         assert_eq!(run(Some(k)), whole, "checkpoint after step {k}");
     }
 }
+
+/// The layer's backward passes are the free `backward` with the statistics
+/// the layer used (the batch's after `train`, the moving ones after
+/// `infer`), bit for bit, for every width; bad input writes nothing.
+#[test]
+fn layer_backward_is_backward_with_the_layers_statistics() {
+    use batchnorm::{Gradients, Mode};
+    let mut rng = Rng::new(23);
+    for simd in Simd::ALL {
+        for shape in [Shape::nhwc(3, 5, 7), Shape::nchw(2, 7, 9)] {
+            let c = shape.channels;
+            let config = Config::pytorch().with_activation(Activation::Relu6);
+            let x = channel_data(&mut rng, shape, &[1.0, -3.0], &[2.0, 0.5]);
+            let dy = gaussian(&mut rng, x.len(), 0.0, 1.0);
+            let gamma = gaussian(&mut rng, c, 1.0, 0.2);
+            let beta = gaussian(&mut rng, c, 0.5, 0.2);
+            let so = ScaleOffset::new(&gamma, &beta);
+            let (mut mm, mut mv) = (vec![0.0f32; c], vec![1.0f32; c]);
+            let moving = MovingStats {
+                mean: &mut mm,
+                variance: &mut mv,
+                batches: 0,
+            };
+            let mut bn = BatchNorm::new(config, moving).unwrap().with_simd(simd);
+            let (mut bm, mut bv) = (vec![0.0f32; c], vec![0.0f32; c]);
+            let mut batch = Batch {
+                mean: &mut bm,
+                variance: &mut bv,
+            };
+            let mut y = vec![0.0f32; x.len()];
+            bn.train(&x, &mut y, shape, so, &mut batch).unwrap();
+            for (mode, training) in [(Mode::Training, true), (Mode::Inference, false)] {
+                let (mut dx, mut ds, mut dof) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+                let g = Gradients {
+                    dx: &mut dx,
+                    dscale: &mut ds,
+                    doffset: &mut dof,
+                };
+                if training {
+                    bn.backward(&x, &dy, shape, so, &batch, g).unwrap();
+                } else {
+                    bn.backward_infer(&x, &dy, shape, so, g).unwrap();
+                }
+                let (mean, variance) = if training {
+                    (&batch.mean[..], &batch.variance[..])
+                } else {
+                    (&bn.moving().mean[..], &bn.moving().variance[..])
+                };
+                let p = Params {
+                    mean,
+                    variance,
+                    scale: Some(&gamma),
+                    offset: Some(&beta),
+                    epsilon: config.epsilon,
+                    activation: config.activation,
+                };
+                let (mut dx2, mut ds2, mut dof2) = (vec![0.0; x.len()], vec![0.0; c], vec![0.0; c]);
+                let g2 = Gradients {
+                    dx: &mut dx2,
+                    dscale: &mut ds2,
+                    doffset: &mut dof2,
+                };
+                simd.backward(&x, &dy, shape, &p, mode, g2).unwrap();
+                assert_eq!((&dx, &ds, &dof), (&dx2, &ds2, &dof2), "{simd:?} {mode:?}");
+            }
+            // A channel count that is not the layer's: nothing written.
+            let sentinel = -7.5f32;
+            let (mut dx, mut ds, mut dof) = (
+                vec![sentinel; x.len()],
+                vec![sentinel; c],
+                vec![sentinel; c],
+            );
+            let bad = Shape {
+                channels: c + 1,
+                ..shape
+            };
+            let g = Gradients {
+                dx: &mut dx,
+                dscale: &mut ds,
+                doffset: &mut dof,
+            };
+            assert!(bn.backward(&x, &dy, bad, so, &batch, g).is_err());
+            assert!(dx.iter().chain(&ds).chain(&dof).all(|&v| v == sentinel));
+        }
+    }
+    // The owned twin keeps its batch statistics for its backward pass.
+    let shape = Shape::rows(4, 3);
+    let x = [1.0, 2.0, 3.0, 2.0, 4.0, 1.0, 0.0, 1.0, 5.0, 3.0, 3.0, 3.0];
+    let dy = [
+        0.5, -1.0, 0.25, 1.0, 0.0, -0.5, -0.25, 1.0, 0.75, 0.0, 0.5, 1.0,
+    ];
+    let mut arr = BatchNormArray::<3>::new(Config::keras());
+    arr.train(&x, &mut [0.0; 12], shape).unwrap();
+    let (mut dx, mut ds, mut dof) = ([0.0; 12], [0.0; 3], [0.0; 3]);
+    let g = Gradients {
+        dx: &mut dx,
+        dscale: &mut ds,
+        doffset: &mut dof,
+    };
+    arr.backward(&x, &dy, shape, g).unwrap();
+    let p = Params {
+        mean: &arr.batch_mean,
+        variance: &arr.batch_variance,
+        scale: Some(&arr.scale),
+        offset: Some(&arr.offset),
+        epsilon: 1e-3,
+        activation: Activation::None,
+    };
+    let (mut dx2, mut ds2, mut dof2) = ([0.0; 12], [0.0; 3], [0.0; 3]);
+    let g2 = Gradients {
+        dx: &mut dx2,
+        dscale: &mut ds2,
+        doffset: &mut dof2,
+    };
+    batchnorm::backward(&x, &dy, shape, &p, Mode::Training, g2).unwrap();
+    assert_eq!((dx, ds, dof), (dx2, ds2, dof2));
+}

@@ -13,8 +13,8 @@
 
 use batchnorm::reference::{self, Domain, Mismatch};
 use batchnorm::{
-    Activation, Batch, BatchNorm, BatchNormArray, Config, Error, Layout, Moments, Momentum,
-    MovingStats, Params, ScaleOffset, Shape, Simd, Variance,
+    Activation, Batch, BatchNorm, BatchNormArray, Config, Error, Gradients, Layout, Mode, Moments,
+    Momentum, MovingStats, Params, ScaleOffset, Shape, Simd, Variance, WeightLayout,
 };
 
 /// Largest tensor a case decodes to (keeps an execution around a millisecond
@@ -1262,6 +1262,100 @@ fn check_moving(
 // ---------------------------------------------------------------------------
 // bad input
 
+// ---------------------------------------------------------------------------
+// backward
+
+/// `Simd::backward` and `backward_in_place` on one decoded case against
+/// `reference::check_backward`: both modes, every activation, the batch's
+/// own statistics or arbitrary ones, specials in `x`, `dy` and the
+/// parameters. The two entry points must agree bit for bit (NaN aside) and
+/// write every output.
+pub fn check_backward(data: &[u8]) {
+    let mut inp = Input::new(data);
+    let simd = decode_simd(&mut inp);
+    let shape = decode_shape(&mut inp);
+    let param_mode = inp.u8();
+    let mode = if param_mode & 16 == 0 {
+        Mode::Training
+    } else {
+        Mode::Inference
+    };
+    let epsilon = decode_epsilon(&mut inp);
+    let mut gen = Gen::decode(&mut inp);
+    let activation = decode_activation(&mut inp, gen.rng());
+    let mut x = gen.tensor(shape);
+    let mut dy = gen.tensor(shape);
+    let c = shape.channels;
+    let count = shape.batch * shape.spatial;
+    let (mean, var) = if param_mode & 1 == 0 && count > 0 {
+        let (mut m, mut v) = (vec![0.0f64; c], vec![0.0f64; c]);
+        reference::moments(&x, shape, &mut m, &mut v);
+        (
+            m.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
+            v.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
+        )
+    } else {
+        let m = gen.params(c);
+        let v = gen.params(c).iter().map(|v| v.abs()).collect();
+        (m, v)
+    };
+    let mut var = var;
+    if param_mode & 8 != 0 {
+        var = gen.params(c);
+    }
+    let scale_v = gen.params(c);
+    let offset_v = gen.params(c);
+    let scale = (param_mode & 2 != 0).then_some(&scale_v[..]);
+    let offset = (param_mode & 4 != 0).then_some(&offset_v[..]);
+    if param_mode & 32 != 0 {
+        patch(&mut inp, gen.rng(), &mut dy);
+    } else {
+        patch(&mut inp, gen.rng(), &mut x);
+    }
+    let p = Params {
+        mean: &mean,
+        variance: &var,
+        scale,
+        offset,
+        epsilon,
+        activation,
+    };
+    let ctx = || format!("backward {simd:?} {shape:?} {mode:?} eps {epsilon:e} {activation:?}");
+    let len = x.len();
+    let run = |dx: &mut [f32], ds: &mut [f32], dof: &mut [f32]| {
+        let g = Gradients {
+            dx,
+            dscale: ds,
+            doffset: dof,
+        };
+        simd.backward(&x, &dy, shape, &p, mode, g)
+    };
+    let (mut dx, mut ds, mut dof) = (sentinel(len), sentinel(c), sentinel(c));
+    let r = run(&mut dx, &mut ds, &mut dof);
+    if count == 0 && mode == Mode::Training {
+        expect_err(r, &same_err(Error::EmptyBatch), "backward", &ctx);
+        assert_untouched("dscale", &ds, &sentinel(c), &ctx);
+        assert_untouched("doffset", &dof, &sentinel(c), &ctx);
+        return;
+    }
+    r.unwrap_or_else(|e| panic!("backward failed: {e}; {}", ctx()));
+    let (mut dxb, mut dsb, mut dofb) = (sentinel_b(len), sentinel_b(c), sentinel_b(c));
+    run(&mut dxb, &mut dsb, &mut dofb).unwrap();
+    assert_written("dx", &dx, &dxb, &ctx);
+    assert_written("dscale", &ds, &dsb, &ctx);
+    assert_written("doffset", &dof, &dofb, &ctx);
+    if let Err(m) = reference::check_backward(&x, &dy, shape, &p, mode, &dx, &ds, &dof) {
+        fail(m, &ctx);
+    }
+    let mut z = dy.clone();
+    let (mut ds2, mut dof2) = (sentinel(c), sentinel(c));
+    simd.backward_in_place(&x, &mut z, shape, &p, mode, &mut ds2, &mut dof2)
+        .unwrap();
+    assert_bits("backward_in_place dx", &z, &dx, &ctx);
+    assert_bits("backward_in_place dscale", &ds2, &ds, &ctx);
+    assert_bits("backward_in_place doffset", &dof2, &dof, &ctx);
+}
+
 fn bad_epsilon(inp: &mut Input) -> f32 {
     inp.pick(&[
         -1e-3,
@@ -1430,7 +1524,7 @@ pub fn check_bad_input(data: &[u8]) {
         channels: c,
     };
     let len = n * s * c;
-    let api = inp.u8() % 16;
+    let api = inp.u8() % 18;
     let defect = inp.u8();
     let ctx = || format!("bad_input api {api} defect {defect} {simd:?} {shape:?}");
     let mut rng = Rng::new(inp.u64());
@@ -2026,6 +2120,178 @@ pub fn check_bad_input(data: &[u8]) {
             }
             assert!(same(&arr, &before), "array state changed; {}", ctx());
             assert_untouched("y", &y, &sentinel(l3), &ctx);
+        }
+        // backward, backward_in_place
+        16 => {
+            let in_place = defect & 0x80 != 0;
+            let mode = if defect & 0x40 != 0 {
+                Mode::Training
+            } else {
+                Mode::Inference
+            };
+            let (mut lx, mut ldy, mut ldx, mut lds, mut ldo, mut lm) = (len, len, len, c, c, c);
+            let (mut sh, mut eps, mut act) = (shape, 1e-3f32, Activation::Relu);
+            let mut ok_empty = false;
+            let want: Box<dyn Fn(&Error) -> bool> = match defect % 10 {
+                0 => {
+                    lx = wrong_len(&mut inp, len);
+                    Box::new(length_err("x", len, lx))
+                }
+                1 => {
+                    ldy = wrong_len(&mut inp, len);
+                    Box::new(length_err("dy", len, ldy))
+                }
+                2 if !in_place => {
+                    ldx = wrong_len(&mut inp, len);
+                    Box::new(length_err("dx", len, ldx))
+                }
+                3 => {
+                    lds = wrong_len(&mut inp, c);
+                    Box::new(length_err("dscale", c, lds))
+                }
+                4 => {
+                    ldo = wrong_len(&mut inp, c);
+                    Box::new(length_err("doffset", c, ldo))
+                }
+                5 => {
+                    lm = wrong_len(&mut inp, c);
+                    Box::new(length_err("mean", c, lm))
+                }
+                6 => {
+                    let (b, e) = bad_shape(&mut inp, layout, c);
+                    sh = b;
+                    (lx, ldy, ldx) = (0, 0, 0);
+                    Box::new(same_err(e))
+                }
+                7 => {
+                    eps = bad_epsilon(&mut inp);
+                    Box::new(same_err(Error::Epsilon(eps)))
+                }
+                8 => {
+                    act = bad_clamp(&mut inp);
+                    let Activation::Clamp { min, max } = act else {
+                        unreachable!()
+                    };
+                    Box::new(same_err(Error::Clamp { min, max }))
+                }
+                _ => {
+                    sh = if inp.u8() & 1 == 0 {
+                        Shape { batch: 0, ..shape }
+                    } else {
+                        Shape {
+                            spatial: 0,
+                            ..shape
+                        }
+                    };
+                    (lx, ldy, ldx) = (0, 0, 0);
+                    ok_empty = mode == Mode::Inference;
+                    Box::new(same_err(Error::EmptyBatch))
+                }
+            };
+            let m = vec![0.5f32; lm];
+            let p = Params {
+                mean: &m,
+                epsilon: eps,
+                activation: act,
+                ..params(Activation::None)
+            };
+            let xs = sentinel(lx);
+            let dys: Vec<f32> = (0..ldy).map(|i| i as f32).collect();
+            let (mut ds, mut dof) = (sentinel(lds), sentinel(ldo));
+            let mut dx = sentinel(ldx);
+            let mut dyi = dys.clone();
+            let r = if in_place {
+                simd.backward_in_place(&xs, &mut dyi, sh, &p, mode, &mut ds, &mut dof)
+            } else {
+                let g = Gradients {
+                    dx: &mut dx,
+                    dscale: &mut ds,
+                    doffset: &mut dof,
+                };
+                simd.backward(&xs, &dys, sh, &p, mode, g)
+            };
+            if ok_empty {
+                r.unwrap_or_else(|e| panic!("empty inference backward: {e}; {}", ctx()));
+                assert!(ds.iter().chain(&dof).all(|v| *v == 0.0), "{}", ctx());
+            } else {
+                expect_err(r, &*want, "backward", &ctx);
+                assert_untouched("dscale", &ds, &sentinel(lds), &ctx);
+                assert_untouched("doffset", &dof, &sentinel(ldo), &ctx);
+            }
+            assert_untouched("dx", &dx, &sentinel(ldx), &ctx);
+            assert_untouched("dy (in place)", &dyi, &dys, &ctx);
+        }
+        // fold_into_weights
+        17 => {
+            let (mut lb, mut lbo, mut lw) = (c, c, c * (1 + defect as usize % 3));
+            let mut eps = 1e-3f32;
+            let mut layout_w = WeightLayout::OutFirst;
+            let want: Box<dyn Fn(&Error) -> bool> = match defect % 7 {
+                0 => {
+                    lb = wrong_len(&mut inp, c);
+                    Box::new(length_err("bias", c, lb))
+                }
+                1 => {
+                    lbo = wrong_len(&mut inp, c);
+                    Box::new(length_err("bias_out", c, lbo))
+                }
+                2 => {
+                    eps = bad_epsilon(&mut inp);
+                    Box::new(same_err(Error::Epsilon(eps)))
+                }
+                3 => {
+                    lw = if c > 1 { c + 1 } else { 0 };
+                    let lw2 = lw;
+                    layout_w = if inp.u8() & 1 == 0 {
+                        WeightLayout::OutFirst
+                    } else {
+                        WeightLayout::OutLast
+                    };
+                    Box::new(same_err(Error::Weights {
+                        len: lw2,
+                        channels: c,
+                    }))
+                }
+                4 => {
+                    layout_w = WeightLayout::Hwim { multiplier: 0 };
+                    Box::new(same_err(Error::Weights {
+                        len: lw,
+                        channels: c,
+                    }))
+                }
+                5 => {
+                    layout_w = WeightLayout::OutSecond {
+                        groups: inp.pick(&[0, c + 1]),
+                        kernel: 1,
+                    };
+                    Box::new(same_err(Error::Weights {
+                        len: lw,
+                        channels: c,
+                    }))
+                }
+                _ => {
+                    layout_w = WeightLayout::OutSecond {
+                        groups: 1,
+                        kernel: 0,
+                    };
+                    Box::new(same_err(Error::Weights {
+                        len: lw,
+                        channels: c,
+                    }))
+                }
+            };
+            let p = Params {
+                epsilon: eps,
+                ..params(Activation::None)
+            };
+            let w0: Vec<f32> = (0..lw).map(|i| i as f32).collect();
+            let mut w = w0.clone();
+            let bias = vec![1.0f32; lb];
+            let mut bo = sentinel(lbo);
+            let r = batchnorm::fold_into_weights(&mut w, Some(&bias), layout_w, &p, &mut bo);
+            expect_err(r, &*want, "fold_into_weights", &ctx);
+            assert_untouched("weight", &w, &w0, &ctx);
+            assert_untouched("bias_out", &bo, &sentinel(lbo), &ctx);
         }
         // Huge (non-overflowing) shapes with small slices.
         _ => {

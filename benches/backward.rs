@@ -1,0 +1,112 @@
+//! `backward` (training and inference mode, with and without a fused ReLU)
+//! beside its limit: one pass reading `x` and `dy` (the sums) plus one pass
+//! reading `x`, `dy` and writing `dx`, both measured in this run as plain
+//! SIMD rooflines over the same bytes (`roofline_read2`: four-accumulator
+//! sums of both inputs; `roofline_rw2`: `dx = x * a + dy * b`). `ratios.py`
+//! adds the two rooflines' times into the limit. Both layouts, C in {3, 16,
+//! 64, 256, 1000}, 256 KiB / 8 MiB / 64 MiB of `x` (see `common::sizes`).
+//!
+//! `cargo bench --bench backward`; ratios: `python3 benches/ratios.py`.
+mod common;
+
+use batchnorm::{Activation, Gradients, Layout, Mode, Params};
+use common::*;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::hint::black_box;
+
+fn load(s: &[f32]) -> Native {
+    Native::new(s[..LANES].try_into().unwrap())
+}
+
+/// Read roofline over two inputs: four independent accumulators per input.
+#[inline(never)]
+fn roofline_read2(x: &[f32], dy: &[f32]) -> f32 {
+    let mut acc = [Native::splat(0.0); 4];
+    let mut bcc = [Native::splat(0.0); 4];
+    let xs = x.chunks_exact(4 * LANES);
+    let ds = dy.chunks_exact(4 * LANES);
+    for (xc, dc) in xs.zip(ds) {
+        for k in 0..4 {
+            acc[k] += load(&xc[k * LANES..]);
+            bcc[k] += load(&dc[k * LANES..]);
+        }
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3]) + (bcc[0] + bcc[1]) + (bcc[2] + bcc[3])).reduce_add()
+}
+
+/// Read+write roofline over two inputs: `dx = x * a + dy * b`.
+#[inline(never)]
+fn roofline_rw2(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let (a, b) = (Native::splat(1.5), Native::splat(-0.25));
+    let ins = x.chunks_exact(LANES).zip(dy.chunks_exact(LANES));
+    for ((xc, dc), oc) in ins.zip(dx.chunks_exact_mut(LANES)) {
+        let v = load(xc).mul_add(a, load(dc) * b);
+        oc.copy_from_slice(&v.to_array());
+    }
+}
+
+fn bench(cr: &mut Criterion) {
+    for layout in [Layout::Nhwc, Layout::Nchw] {
+        for &c in &CHANNELS {
+            let mut group = cr.benchmark_group(format!("backward/{layout:?}/C{c}"));
+            for bytes in sizes() {
+                let shape = shape(layout, c, bytes);
+                let len = shape.len().unwrap();
+                let xb = input(len);
+                let x = &xb[1..];
+                let dyb: Vec<f32> = input(len + 3)[3..].iter().map(|v| v - 9.0).collect();
+                let dy = &dyb[1..len + 1];
+                let mut out = vec![0.0f32; len + 1];
+                let mut mean = vec![0.0f32; c];
+                let mut var = vec![0.0f32; c];
+                batchnorm::moments(x, shape, &mut mean, &mut var).unwrap();
+                let scale = vec![1.25f32; c];
+                let offset = vec![0.5f32; c];
+                let (mut ds, mut dof) = (vec![0.0f32; c], vec![0.0f32; c]);
+                let p = Params {
+                    mean: &mean,
+                    variance: &var,
+                    scale: Some(&scale),
+                    offset: Some(&offset),
+                    epsilon: 1e-3,
+                    activation: Activation::None,
+                };
+                // x and dy are read: two streams of `bytes`.
+                group.throughput(Throughput::Bytes(2 * (len * 4) as u64));
+                configure(&mut group, bytes);
+                let id = label(bytes);
+                group.bench_function(BenchmarkId::new("roofline_read2", &id), |b| {
+                    b.iter(|| black_box(roofline_read2(black_box(x), black_box(dy))))
+                });
+                group.bench_function(BenchmarkId::new("roofline_rw2", &id), |b| {
+                    b.iter(|| roofline_rw2(black_box(x), black_box(dy), &mut out[1..]))
+                });
+                for (name, mode, act) in [
+                    ("backward", Mode::Training, Activation::None),
+                    ("backward_relu", Mode::Training, Activation::Relu),
+                    ("backward_infer", Mode::Inference, Activation::None),
+                ] {
+                    let p = Params {
+                        activation: act,
+                        ..p
+                    };
+                    group.bench_function(BenchmarkId::new(name, &id), |b| {
+                        b.iter(|| {
+                            let g = Gradients {
+                                dx: &mut out[1..],
+                                dscale: &mut ds,
+                                doffset: &mut dof,
+                            };
+                            batchnorm::backward(black_box(x), black_box(dy), shape, &p, mode, g)
+                                .unwrap()
+                        })
+                    });
+                }
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,1028 @@
+//! The backward pass of batch normalization (DESIGN §1, Backward): the
+//! gradients `dx`, `dscale` and `doffset` of a loss given its gradient `dy`
+//! with respect to the forward output.
+//!
+//! Per channel, with `inv = 1 / sqrt(var + eps)`, `x̂ = (x - mean) * inv` and
+//! `g` the incoming gradient masked by the fused activation's derivative:
+//!
+//! * `doffset = Σ g`, `dscale = Σ g * x̂` (both modes);
+//! * [`Mode::Training`] (the forward normalized with the batch's own
+//!   statistics, so they depend on `x`):
+//!   `dx = scale * inv / count * (count * g - doffset - x̂ * dscale)`;
+//! * [`Mode::Inference`] (the statistics are constants, e.g. the moving
+//!   averages of a frozen layer): `dx = g * scale * inv`.
+//!
+//! `mean` and `variance` are the ones the forward pass normalized with (the
+//! batch statistics a training step returns, or the moving statistics); the
+//! backward pass does not recompute them.
+//!
+//! # Activation mask
+//!
+//! With a fused activation, `g = dy` where the forward's pre-activation
+//! output `y` was strictly inside the activation's linear range and `0`
+//! elsewhere, as PyTorch's autograd does for `relu(batch_norm(x))`: ReLU
+//! keeps `y > 0`, ReLU6 `0 < y < 6`, `Clamp { min, max }` `min < y < max`;
+//! a NaN `y` gives `0`. `y` is recomputed from `x` with the forward's own
+//! folded form `y = x * a + b` (`a = scale / sqrt(var + eps)`, `b = offset -
+//! mean * a`, rounded to `f32` as [`fold`](crate::fold) and
+//! [`normalize`](crate::normalize) round them), so the caller need not keep
+//! `y`.
+//!
+//! # Algorithm
+//!
+//! Two passes over each window of channels: the first reads `x` and `dy`
+//! and sums `g` and `g * (x - mean)` per channel; the second reads them
+//! again and writes `dx = g * p + ((x - mean) * q + r)`, with per-channel
+//! `p = scale * inv`, `q = -p * inv * dscale / count`, `r = -p * doffset /
+//! count` (`q = r = 0` in inference mode) computed in `f64` from the `f64`
+//! sums and rounded once. Subtracting the mean before scaling keeps the
+//! result accurate for channels whose mean is far larger than their spread
+//! (`1e3 σ` is tested): the folded `x * q + (r - mean * q)` would lose
+//! `|mean| / σ` ulps to cancellation.
+//!
+//! The sums are `f32` lane sums over blocks of at most [`INNER`] terms per
+//! lane (joined in a few more `f32` additions), then moved to `f64`: no
+//! `f32` sum ever grows over more than ~70 terms however large the batch.
+//! Layouts are walked as in [`normalize`](crate::normalize): contiguous
+//! NCHW runs with splatted coefficients; periodic tensors (NHWC, or NCHW
+//! with fewer spatial positions than lanes) by super-rows of `lcm(period,
+//! lanes)` elements when that is at most [`WINDOW`] positions, else by
+//! strips of whole channels of at most [`WINDOW`] positions swept over the
+//! rows. Tails go through the same code with half-width lanes.
+//!
+//! # Numerical bound
+//!
+//! Against [`reference::backward`](crate::reference::backward) (exact
+//! arithmetic on the same `f32` inputs, the same mask), with `ε =
+//! f32::EPSILON`, `d = x - mean`, and the reference's per-channel `p`, `q`,
+//! `r` above, for finite data whose intermediate sums stay finite in `f32`:
+//!
+//! * `|doffset - ref| <= 36 ε Σ|g|`;
+//! * `|dscale - ref| <= 36 ε inv Σ|g d|`;
+//! * `|dx - ref| <= 4 ε (|p g| + |q d| + |r|) + 36 ε |p| / count (Σ|g| +
+//!   inv² |d| Σ|g d|)` (training; inference: `4 ε |p g|`),
+//!
+//! each plus the final rounding to `f32`
+//! ([`reference::backward_bounds`](crate::reference::backward_bounds)
+//! computes them). Derivation: a term `g` or `g d` enters an `f32` lane sum
+//! of at most 64 terms, then at most two `f32` additions joining four
+//! accumulators (contiguous runs), then `f64`; with `u = ε / 2` that is at
+//! most 66 roundings of relative size `u` of partial sums bounded by `Σ|t|`,
+//! plus `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64`
+//! summation (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `68.01 u <=
+//! 36 ε` of `Σ|t|` (Higham, Accuracy and Stability, §4.2). `dscale` adds
+//! the `f64` `inv` (negligible). In `dx`, `p`, `q` and `r` are rounded to
+//! `f32` (`u` each), `fl(x - mean)`, `d * q + r` and `g * p + (..)` add a
+//! rounding each (unfused: two more): at most `7u` of `|p g| + |q d| + |r|`
+//! (`<= 4 ε`), and the sums' errors move `r` by `|p| / count` times the
+//! `doffset` error and `q` by `|p| inv / count` times the `dscale` error.
+//!
+//! # Stack
+//!
+//! One window: six `f32` coefficients per position (`a`, `b`, `mean`, `p`,
+//! `q`, `r`; 1.5 KiB for [`WINDOW`] = 64), two `f64` sums per channel
+//! (1 KiB) and a position-to-channel table (64 bytes), plus two 16-lane
+//! staging arrays: about 2.7 KiB. No heap.
+//!
+//! # Edge cases
+//!
+//! NaN or infinities in `x`, `dy`, or the parameters of a channel propagate
+//! into that channel's outputs only. An empty batch (`count == 0`) is
+//! [`Error::EmptyBatch`] in training mode (no statistics to differentiate);
+//! in inference mode it writes `dscale = doffset = 0` and returns `Ok`.
+
+use crate::error::Error;
+use crate::lanes::{with_lane, Lane, Simd};
+use crate::normalize::{fold_span, Activation, Params};
+use crate::shape::{Layout, Shape};
+
+/// Positions (and at most as many channels) whose coefficients and sums sit
+/// on the stack at once.
+pub const WINDOW: usize = 64;
+
+/// Terms an `f32` lane sum takes before it is moved to `f64`.
+pub const INNER: usize = 64;
+
+/// Which statistics the forward pass normalized with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The batch's own mean and population variance (a training step):
+    /// `dx` includes the gradient through the statistics.
+    #[default]
+    Training,
+    /// Constant statistics (the moving averages, a frozen layer): `dx = g *
+    /// scale / sqrt(var + eps)`.
+    Inference,
+}
+
+/// The outputs of [`backward`]: `dx` has the shape of `x`; `dscale` and
+/// `doffset` have one entry per channel.
+#[derive(Debug)]
+pub struct Gradients<'a> {
+    /// Gradient with respect to the input `x`.
+    pub dx: &'a mut [f32],
+    /// Gradient with respect to `scale` (`gamma`).
+    pub dscale: &'a mut [f32],
+    /// Gradient with respect to `offset` (`beta`).
+    pub doffset: &'a mut [f32],
+}
+
+/// The backward pass: `dx`, `dscale` and `doffset` from the forward input
+/// `x`, the gradient `dy` of the loss with respect to the forward output,
+/// and the forward's [`Params`] (the `mean` and `variance` it normalized
+/// with, `scale`, `offset`, `epsilon`, and the fused `activation`, whose
+/// mask is applied to `dy`). See the [module docs](self) for the formulas,
+/// the mask and the error bound.
+///
+/// Errors (nothing written): a slice whose length does not match `shape`, a
+/// bad shape, a negative or non-finite `epsilon`, a bad `Clamp`, or, in
+/// [`Mode::Training`], [`Error::EmptyBatch`] when `batch * spatial == 0`. In
+/// [`Mode::Inference`] an empty batch sets `dscale` and `doffset` to 0.
+///
+/// ```
+/// use batchnorm::{backward, moments, Activation, Gradients, Mode, Params, Shape};
+/// // Two rows of two channels; the loss is Σ y * dy.
+/// let x = [1.0, 10.0, 3.0, 30.0];
+/// let dy = [1.0, 0.5, -1.0, 0.5];
+/// let shape = Shape::rows(2, 2);
+/// let (mut mean, mut var) = ([0.0; 2], [0.0; 2]);
+/// moments(&x, shape, &mut mean, &mut var).unwrap();
+/// let params = Params {
+///     mean: &mean,
+///     variance: &var,
+///     scale: None,
+///     offset: None,
+///     epsilon: 1e-5,
+///     activation: Activation::None,
+/// };
+/// let (mut dx, mut dscale, mut doffset) = ([0.0; 4], [0.0; 2], [0.0; 2]);
+/// let grads = Gradients { dx: &mut dx, dscale: &mut dscale, doffset: &mut doffset };
+/// backward(&x, &dy, shape, &params, Mode::Training, grads).unwrap();
+/// assert_eq!(doffset, [0.0, 1.0]);
+/// assert!((dscale[0] + 2.0).abs() < 1e-4); // x̂ = -1, +1 (almost: eps)
+/// // A constant gradient on a channel has no effect on its inputs.
+/// assert!(dx[1].abs() < 1e-6 && dx[3].abs() < 1e-6);
+/// ```
+pub fn backward(
+    x: &[f32],
+    dy: &[f32],
+    shape: Shape,
+    params: &Params<'_>,
+    mode: Mode,
+    grads: Gradients<'_>,
+) -> Result<(), Error> {
+    Simd::detect().backward(x, dy, shape, params, mode, grads)
+}
+
+/// [`backward`] overwriting `dy` with `dx`.
+///
+/// ```
+/// use batchnorm::{backward_in_place, Activation, Mode, Params, Shape};
+/// // Inference mode with a ReLU: dx = dy * scale / sqrt(var + eps) where
+/// // the forward output was positive.
+/// let x = [-1.0f32, 2.0];
+/// let mut dy = [1.0f32, 1.0];
+/// let params = Params {
+///     mean: &[0.0],
+///     variance: &[3.0],
+///     scale: Some(&[2.0]),
+///     offset: None,
+///     epsilon: 1.0,
+///     activation: Activation::Relu,
+/// };
+/// let (mut dscale, mut doffset) = ([0.0], [0.0]);
+/// let shape = Shape::rows(2, 1);
+/// backward_in_place(&x, &mut dy, shape, &params, Mode::Inference, &mut dscale, &mut doffset)
+///     .unwrap();
+/// assert_eq!(dy, [0.0, 1.0]);
+/// assert_eq!((dscale[0], doffset[0]), (1.0, 1.0));
+/// ```
+pub fn backward_in_place(
+    x: &[f32],
+    dy: &mut [f32],
+    shape: Shape,
+    params: &Params<'_>,
+    mode: Mode,
+    dscale: &mut [f32],
+    doffset: &mut [f32],
+) -> Result<(), Error> {
+    Simd::detect().backward_in_place(x, dy, shape, params, mode, dscale, doffset)
+}
+
+impl Simd {
+    /// [`backward`] with this lane width.
+    pub fn backward(
+        self,
+        x: &[f32],
+        dy: &[f32],
+        shape: Shape,
+        params: &Params<'_>,
+        mode: Mode,
+        grads: Gradients<'_>,
+    ) -> Result<(), Error> {
+        shape.check("x", x.len())?;
+        shape.check("dy", dy.len())?;
+        shape.check("dx", grads.dx.len())?;
+        let outs = Outs {
+            dscale: grads.dscale,
+            doffset: grads.doffset,
+        };
+        if prepare(shape, params, mode, &outs)? {
+            let mut io = Split {
+                x,
+                dy,
+                dx: grads.dx,
+            };
+            run(self, &mut io, shape, params, mode, outs);
+        } else {
+            outs.dscale.fill(0.0);
+            outs.doffset.fill(0.0);
+        }
+        Ok(())
+    }
+
+    /// [`backward_in_place`] with this lane width.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_in_place(
+        self,
+        x: &[f32],
+        dy: &mut [f32],
+        shape: Shape,
+        params: &Params<'_>,
+        mode: Mode,
+        dscale: &mut [f32],
+        doffset: &mut [f32],
+    ) -> Result<(), Error> {
+        shape.check("x", x.len())?;
+        shape.check("dy", dy.len())?;
+        let outs = Outs { dscale, doffset };
+        if prepare(shape, params, mode, &outs)? {
+            run(self, &mut InPlace { x, dy }, shape, params, mode, outs);
+        } else {
+            outs.dscale.fill(0.0);
+            outs.doffset.fill(0.0);
+        }
+        Ok(())
+    }
+}
+
+/// The per-channel outputs.
+struct Outs<'a> {
+    dscale: &'a mut [f32],
+    doffset: &'a mut [f32],
+}
+
+/// Validates everything but the tensors' lengths; `Ok(false)` for an empty
+/// batch in inference mode (nothing to walk).
+fn prepare(shape: Shape, params: &Params<'_>, mode: Mode, outs: &Outs<'_>) -> Result<bool, Error> {
+    params.validate(shape)?;
+    shape.check_channels("dscale", outs.dscale.len())?;
+    shape.check_channels("doffset", outs.doffset.len())?;
+    if shape.count()? == 0 {
+        return match mode {
+            Mode::Training => Err(Error::EmptyBatch),
+            Mode::Inference => Ok(false),
+        };
+    }
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------
+// Inputs and outputs
+
+/// Where the kernel reads `x` and `dy` and writes `dx`.
+trait Io {
+    fn x(&self) -> &[f32];
+    fn dy(&self) -> &[f32];
+    /// `dx = f(x, dy)` on `len` elements from `start` (a multiple of the
+    /// width).
+    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V, V) -> V);
+    /// `dx = f(x, dy, coefficients)` on `pat.len()` elements from `start`,
+    /// vector `j` with the coefficients of pattern vector `j`.
+    fn map_pattern<V: Lane>(&mut self, start: usize, pat: Pat<'_>, f: impl Fn(V, V, Coefs<V>) -> V);
+}
+
+struct Split<'a> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    dx: &'a mut [f32],
+}
+
+struct InPlace<'a> {
+    x: &'a [f32],
+    dy: &'a mut [f32],
+}
+
+/// The six coefficients of a vector of positions.
+#[derive(Clone, Copy)]
+struct Coefs<V> {
+    a: V,
+    b: V,
+    m: V,
+    p: V,
+    q: V,
+    r: V,
+}
+
+/// A run of per-position coefficients (all six slices the same length).
+#[derive(Clone, Copy)]
+struct Pat<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    m: &'a [f32],
+    p: &'a [f32],
+    q: &'a [f32],
+    r: &'a [f32],
+}
+
+impl<'a> Pat<'a> {
+    fn len(&self) -> usize {
+        self.a.len()
+    }
+
+    /// The coefficients of pattern vector after vector.
+    fn vectors<V: Lane + 'a>(self) -> impl Iterator<Item = Coefs<V>> + 'a {
+        let w = V::WIDTH;
+        let c = |s: &'a [f32]| s.chunks_exact(w).map(V::load);
+        c(self.a)
+            .zip(c(self.b))
+            .zip(c(self.m))
+            .zip(c(self.p))
+            .zip(c(self.q))
+            .zip(c(self.r))
+            .map(|(((((a, b), m), p), q), r)| Coefs { a, b, m, p, q, r })
+    }
+
+    fn slice(&self, from: usize, to: usize) -> Option<Pat<'a>> {
+        Some(Pat {
+            a: self.a.get(from..to)?,
+            b: self.b.get(from..to)?,
+            m: self.m.get(from..to)?,
+            p: self.p.get(from..to)?,
+            q: self.q.get(from..to)?,
+            r: self.r.get(from..to)?,
+        })
+    }
+}
+
+impl Io for Split<'_> {
+    fn x(&self) -> &[f32] {
+        self.x
+    }
+    fn dy(&self) -> &[f32] {
+        self.dy
+    }
+    #[inline(always)]
+    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V, V) -> V) {
+        let w = V::WIDTH;
+        let r = start..start + len;
+        let (Some(x), Some(dy), Some(dx)) = (
+            self.x.get(r.clone()),
+            self.dy.get(r.clone()),
+            self.dx.get_mut(r),
+        ) else {
+            return;
+        };
+        let ins = x.chunks_exact(w).zip(dy.chunks_exact(w));
+        for ((xc, dc), oc) in ins.zip(dx.chunks_exact_mut(w)) {
+            f(V::load(xc), V::load(dc)).store(oc);
+        }
+    }
+    #[inline(always)]
+    fn map_pattern<V: Lane>(
+        &mut self,
+        start: usize,
+        pat: Pat<'_>,
+        f: impl Fn(V, V, Coefs<V>) -> V,
+    ) {
+        let w = V::WIDTH;
+        let r = start..start + pat.len();
+        let (Some(x), Some(dy), Some(dx)) = (
+            self.x.get(r.clone()),
+            self.dy.get(r.clone()),
+            self.dx.get_mut(r),
+        ) else {
+            return;
+        };
+        let ins = x.chunks_exact(w).zip(dy.chunks_exact(w));
+        for (((xc, dc), oc), k) in ins.zip(dx.chunks_exact_mut(w)).zip(pat.vectors::<V>()) {
+            f(V::load(xc), V::load(dc), k).store(oc);
+        }
+    }
+}
+
+impl Io for InPlace<'_> {
+    fn x(&self) -> &[f32] {
+        self.x
+    }
+    fn dy(&self) -> &[f32] {
+        self.dy
+    }
+    #[inline(always)]
+    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V, V) -> V) {
+        let w = V::WIDTH;
+        let r = start..start + len;
+        let (Some(x), Some(dy)) = (self.x.get(r.clone()), self.dy.get_mut(r)) else {
+            return;
+        };
+        for (xc, dc) in x.chunks_exact(w).zip(dy.chunks_exact_mut(w)) {
+            f(V::load(xc), V::load(dc)).store(dc);
+        }
+    }
+    #[inline(always)]
+    fn map_pattern<V: Lane>(
+        &mut self,
+        start: usize,
+        pat: Pat<'_>,
+        f: impl Fn(V, V, Coefs<V>) -> V,
+    ) {
+        let w = V::WIDTH;
+        let r = start..start + pat.len();
+        let (Some(x), Some(dy)) = (self.x.get(r.clone()), self.dy.get_mut(r)) else {
+            return;
+        };
+        let io = x.chunks_exact(w).zip(dy.chunks_exact_mut(w));
+        for ((xc, dc), k) in io.zip(pat.vectors::<V>()) {
+            f(V::load(xc), V::load(dc), k).store(dc);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The activation mask and the two forms of dx
+
+/// The activation's derivative, resolved once per call.
+trait Mask: Copy {
+    /// `g` where the forward's `y = x * a + b` passes, 0 elsewhere.
+    fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V;
+}
+
+/// No activation: every `dy` passes.
+#[derive(Clone, Copy)]
+struct All;
+impl Mask for All {
+    #[inline(always)]
+    fn keep<V: Lane>(self, _: V, _: V, _: V, g: V) -> V {
+        g
+    }
+}
+
+/// ReLU: `y > lo`.
+#[derive(Clone, Copy)]
+struct Above(f32);
+impl Mask for Above {
+    #[inline(always)]
+    fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V {
+        x.mul_add(a, b).keep_above(V::splat(self.0), g)
+    }
+}
+
+/// ReLU6 and Clamp: `lo < y < hi`.
+#[derive(Clone, Copy)]
+struct Inside(f32, f32);
+impl Mask for Inside {
+    #[inline(always)]
+    fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V {
+        let y = x.mul_add(a, b);
+        y.keep_below(V::splat(self.1), y.keep_above(V::splat(self.0), g))
+    }
+}
+
+/// `dx` from the masked gradient `g`.
+trait Form: Copy {
+    const MODE: Mode;
+    fn dx<V: Lane>(self, g: V, x: V, k: Coefs<V>) -> V;
+}
+
+/// Training: `g p + ((x - m) q + r)`.
+#[derive(Clone, Copy)]
+struct Train;
+impl Form for Train {
+    const MODE: Mode = Mode::Training;
+    #[inline(always)]
+    fn dx<V: Lane>(self, g: V, x: V, k: Coefs<V>) -> V {
+        g.mul_add(k.p, x.sub(k.m).mul_add(k.q, k.r))
+    }
+}
+
+/// Inference: `g p`.
+#[derive(Clone, Copy)]
+struct Infer;
+impl Form for Infer {
+    const MODE: Mode = Mode::Inference;
+    #[inline(always)]
+    fn dx<V: Lane>(self, g: V, _: V, k: Coefs<V>) -> V {
+        g.mul(k.p)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Windows
+
+/// The stack state of one window: per-position coefficients, per-channel
+/// `f64` sums, and which window channel each position belongs to.
+struct Win {
+    a: [f32; WINDOW],
+    b: [f32; WINDOW],
+    m: [f32; WINDOW],
+    p: [f32; WINDOW],
+    q: [f32; WINDOW],
+    r: [f32; WINDOW],
+    ch: [u8; WINDOW],
+    sg: [f64; WINDOW],
+    sgd: [f64; WINDOW],
+}
+
+impl Win {
+    fn new() -> Win {
+        Win {
+            a: [0.0; WINDOW],
+            b: [0.0; WINDOW],
+            m: [0.0; WINDOW],
+            p: [0.0; WINDOW],
+            q: [0.0; WINDOW],
+            r: [0.0; WINDOW],
+            ch: [0; WINDOW],
+            sg: [0.0; WINDOW],
+            sgd: [0.0; WINDOW],
+        }
+    }
+
+    fn pat(&self, from: usize, to: usize) -> Option<Pat<'_>> {
+        Pat {
+            a: &self.a,
+            b: &self.b,
+            m: &self.m,
+            p: &self.p,
+            q: &self.q,
+            r: &self.r,
+        }
+        .slice(from, to)
+    }
+
+    /// Adds lane sums of positions `off ..` to their channels' sums.
+    #[inline(always)]
+    fn flush<V: Lane>(&mut self, off: usize, g: V, gd: V) {
+        let (mut tg, mut tgd) = ([0.0f32; 16], [0.0f32; 16]);
+        g.store(&mut tg);
+        gd.store(&mut tgd);
+        for (j, (&vg, &vgd)) in tg[..V::WIDTH].iter().zip(&tgd[..V::WIDTH]).enumerate() {
+            let c = self.ch.get(off + j).copied().unwrap_or(0) as usize;
+            if let Some(s) = self.sg.get_mut(c) {
+                *s += vg as f64;
+            }
+            if let Some(s) = self.sgd.get_mut(c) {
+                *s += vgd as f64;
+            }
+        }
+    }
+
+    /// Before pass 1 of window channels `c0 .. c0 + cw` with `npos`
+    /// positions: the mask's `a`, `b` and the mean per position, sums zeroed.
+    fn start(&mut self, params: &Params<'_>, c0: usize, cw: usize, npos: usize, mask: bool) {
+        if mask {
+            // Fold per channel into p, q (free until pass 2), then spread.
+            fold_span(params, c0, &mut self.p[..cw], &mut self.q[..cw]);
+        }
+        for j in 0..npos {
+            let k = self.ch[j] as usize;
+            if mask {
+                (self.a[j], self.b[j]) = (self.p[k], self.q[k]);
+            }
+            self.m[j] = params.mean.get(c0 + k).copied().unwrap_or(0.0);
+        }
+        self.sg[..cw].fill(0.0);
+        self.sgd[..cw].fill(0.0);
+    }
+
+    /// After pass 1: writes `dscale`, `doffset` of the window's channels and
+    /// the per-position `p`, `q`, `r` of pass 2.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        params: &Params<'_>,
+        mode: Mode,
+        count: f64,
+        c0: usize,
+        cw: usize,
+        npos: usize,
+        outs: &mut Outs<'_>,
+    ) {
+        let coef = |k: usize| {
+            let c = c0 + k;
+            let var = params.variance.get(c).copied().unwrap_or(0.0) as f64;
+            let inv = 1.0 / libm::sqrt(var + params.epsilon as f64);
+            let sc = params.scale.and_then(|s| s.get(c)).copied().unwrap_or(1.0) as f64;
+            let (sg, sgd) = (self.sg[k], self.sgd[k]);
+            let dscale = sgd * inv;
+            let p = sc * inv;
+            let (q, r) = match mode {
+                Mode::Training => (-p * inv * dscale / count, -p * sg / count),
+                Mode::Inference => (0.0, 0.0),
+            };
+            (sg, dscale, p, q, r)
+        };
+        for k in 0..cw {
+            let (sg, dscale, ..) = coef(k);
+            if let (Some(o), Some(s)) = (outs.doffset.get_mut(c0 + k), outs.dscale.get_mut(c0 + k))
+            {
+                (*o, *s) = (sg as f32, dscale as f32);
+            }
+        }
+        for j in 0..npos {
+            let (.., p, q, r) = coef(self.ch[j] as usize);
+            (self.p[j], self.q[j], self.r[j]) = (p as f32, q as f32, r as f32);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch and layouts
+
+fn run<IO: Io>(simd: Simd, io: &mut IO, shape: Shape, p: &Params<'_>, mode: Mode, outs: Outs<'_>) {
+    with_lane!(simd, V => match (p.activation, mode) {
+        (Activation::None, Mode::Training) => walk::<V, _, _, IO>(io, shape, p, All, Train, outs),
+        (Activation::None, Mode::Inference) => walk::<V, _, _, IO>(io, shape, p, All, Infer, outs),
+        (Activation::Relu, Mode::Training) => {
+            walk::<V, _, _, IO>(io, shape, p, Above(0.0), Train, outs)
+        }
+        (Activation::Relu, Mode::Inference) => {
+            walk::<V, _, _, IO>(io, shape, p, Above(0.0), Infer, outs)
+        }
+        (Activation::Relu6, Mode::Training) => {
+            walk::<V, _, _, IO>(io, shape, p, Inside(0.0, 6.0), Train, outs)
+        }
+        (Activation::Relu6, Mode::Inference) => {
+            walk::<V, _, _, IO>(io, shape, p, Inside(0.0, 6.0), Infer, outs)
+        }
+        (Activation::Clamp { min, max }, Mode::Training) => {
+            walk::<V, _, _, IO>(io, shape, p, Inside(min, max), Train, outs)
+        }
+        (Activation::Clamp { min, max }, Mode::Inference) => {
+            walk::<V, _, _, IO>(io, shape, p, Inside(min, max), Infer, outs)
+        }
+    })
+}
+
+/// `a / b`, 0 for `b == 0` (never the case for validated shapes).
+fn div(a: usize, b: usize) -> usize {
+    a.checked_div(b).unwrap_or(0)
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while let Some(r) = a.checked_rem(b) {
+        (a, b) = (b, r);
+    }
+    a
+}
+
+/// Validated, non-empty input.
+fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
+    io: &mut IO,
+    shape: Shape,
+    params: &Params<'_>,
+    mask: M,
+    form: F,
+    mut outs: Outs<'_>,
+) {
+    let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
+    let count = (n * s) as f64;
+    let mode = F::MODE;
+    let masked = params.activation != Activation::None;
+    let mut win = Win::new();
+    match shape.layout {
+        Layout::Nchw if s >= V::WIDTH => {
+            for (k, ch) in win.ch.iter_mut().enumerate() {
+                *ch = k as u8;
+            }
+            let mut c0 = 0;
+            while c0 < c {
+                let cw = (c - c0).min(WINDOW);
+                win.start(params, c0, cw, cw, masked);
+                let (x, dy) = (io.x(), io.dy());
+                for i in 0..n {
+                    for k in 0..cw {
+                        let r = (i * c + c0 + k) * s..(i * c + c0 + k + 1) * s;
+                        let (Some(xr), Some(dr)) = (x.get(r.clone()), dy.get(r)) else {
+                            continue;
+                        };
+                        let (g, gd) =
+                            run_sums::<V, M>(xr, dr, (win.a[k], win.b[k], win.m[k]), mask);
+                        win.sg[k] += g;
+                        win.sgd[k] += gd;
+                    }
+                }
+                win.finish(params, mode, count, c0, cw, cw, &mut outs);
+                for i in 0..n {
+                    for k in 0..cw {
+                        let Some(pat) = win.pat(k, k + 1) else {
+                            continue;
+                        };
+                        run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, pat, mask, form);
+                    }
+                }
+                c0 += cw;
+            }
+        }
+        Layout::Nchw => {
+            periodic::<V, M, F, IO>(io, c * s, s, n, count, params, &mut win, mask, form, outs)
+        }
+        Layout::Nhwc => {
+            periodic::<V, M, F, IO>(io, c, 1, n * s, count, params, &mut win, mask, form, outs)
+        }
+    }
+}
+
+/// One strip of a periodic walk: `rows` rows of `len` positions, `stride`
+/// apart from `start`, the first at window position `off`.
+#[derive(Clone, Copy)]
+struct Strip {
+    start: usize,
+    rows: usize,
+    stride: usize,
+    len: usize,
+    off: usize,
+}
+
+/// Periodic tensors: `rows` rows of `period` elements, position `p` of a
+/// row in channel `p / div`.
+#[allow(clippy::too_many_arguments)]
+fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
+    io: &mut IO,
+    period: usize,
+    dv: usize,
+    rows: usize,
+    count: f64,
+    params: &Params<'_>,
+    win: &mut Win,
+    mask: M,
+    form: F,
+    mut outs: Outs<'_>,
+) {
+    let w = V::WIDTH;
+    let mode = F::MODE;
+    let masked = params.activation != Activation::None;
+    let lcm = div(period, gcd(period, w)) * w;
+    let channels = div(period, dv);
+    let mut both = |io: &mut IO, win: &mut Win, c0: usize, cw: usize, strips: &[Strip]| {
+        let npos = strips.first().map_or(0, |t| t.len.max(t.off));
+        let npos = strips.iter().fold(npos, |a, t| a.max(t.off + t.len));
+        win.start(params, c0, cw, npos, masked);
+        for &t in strips {
+            sums_strip::<V, M>(io.x(), io.dy(), t, win, mask);
+        }
+        win.finish(params, mode, count, c0, cw, npos, &mut outs);
+        for &t in strips {
+            dx_strip::<V, M, F, IO>(io, t, win, mask, form);
+        }
+    };
+    if lcm <= WINDOW {
+        // Super-rows of `lcm` elements share one pattern; the partial last
+        // super-row is one row of a prefix of it.
+        for (j, ch) in win.ch.iter_mut().enumerate().take(lcm) {
+            *ch = div(j % period.max(1), dv) as u8;
+        }
+        let per = div(lcm, period);
+        let supers = div(rows, per);
+        let left = (rows - supers * per) * period;
+        let strips = [
+            Strip {
+                start: 0,
+                rows: supers,
+                stride: lcm,
+                len: lcm,
+                off: 0,
+            },
+            Strip {
+                start: supers * lcm,
+                rows: 1,
+                stride: lcm,
+                len: left,
+                off: 0,
+            },
+        ];
+        both(io, win, 0, channels, &strips);
+    } else {
+        // Strips of whole channels swept over every row.
+        let cmax = div(WINDOW, dv).max(1);
+        for (j, ch) in win.ch.iter_mut().enumerate() {
+            *ch = div(j, dv) as u8;
+        }
+        let mut c0 = 0;
+        while c0 < channels {
+            let cw = (channels - c0).min(cmax);
+            let strip = Strip {
+                start: c0 * dv,
+                rows,
+                stride: period,
+                len: cw * dv,
+                off: 0,
+            };
+            both(io, win, c0, cw, &[strip]);
+            c0 += cw;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pass 1: sums
+
+/// Sums of `g` and `g (x - mean)` of one contiguous run with one channel's
+/// coefficients `(a, b, mean)`: four accumulators, each flushed after
+/// [`INNER`] vectors; the tail through narrower lanes.
+fn run_sums<V: Lane, M: Mask>(
+    x: &[f32],
+    dy: &[f32],
+    (a, b, m): (f32, f32, f32),
+    mask: M,
+) -> (f64, f64) {
+    const K: usize = 4;
+    let w = V::WIDTH;
+    let (va, vb, vm) = (V::splat(a), V::splat(b), V::splat(m));
+    let (mut tg, mut tgd) = (0.0f64, 0.0f64);
+    let mut xs = x.chunks_exact(K * w);
+    let mut ds = dy.chunks_exact(K * w);
+    loop {
+        let mut sg = [V::splat(0.0); K];
+        let mut sgd = [V::splat(0.0); K];
+        let mut taken = 0;
+        for (xc, dc) in (&mut xs).zip(&mut ds).take(INNER) {
+            for k in 0..K {
+                let xv = V::load(&xc[k * w..]);
+                let g = mask.keep(xv, va, vb, V::load(&dc[k * w..]));
+                sg[k] = sg[k].add(g);
+                sgd[k] = g.mul_add(xv.sub(vm), sgd[k]);
+            }
+            taken += 1;
+        }
+        if taken == 0 {
+            break;
+        }
+        tg += lanes_f64(sg[0].add(sg[1]).add(sg[2].add(sg[3])));
+        tgd += lanes_f64(sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])));
+        if taken < INNER {
+            break;
+        }
+    }
+    let (rx, rd) = (xs.remainder(), ds.remainder());
+    if rx.is_empty() {
+        return (tg, tgd);
+    }
+    if w == 1 {
+        for (&xv, &dv) in rx.iter().zip(rd) {
+            let g = mask.keep(xv, a, b, dv);
+            tg += g as f64;
+            tgd += (g * (xv - m)) as f64;
+        }
+        (tg, tgd)
+    } else {
+        let (g, gd) = run_sums::<V::Half, M>(rx, rd, (a, b, m), mask);
+        (tg + g, tgd + gd)
+    }
+}
+
+/// The lanes of `v` summed in `f64`.
+#[inline(always)]
+fn lanes_f64<V: Lane>(v: V) -> f64 {
+    let mut t = [0.0f32; 16];
+    v.store(&mut t);
+    t[..V::WIDTH].iter().map(|&l| l as f64).sum()
+}
+
+/// Pass 1 over a strip: whole vectors in register groups, then the tail
+/// columns with narrower lanes.
+fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
+    let w = V::WIDTH;
+    let nv = t.len / w;
+    let mut v = 0;
+    while v < nv {
+        let left = nv - v;
+        let step = if left >= 8 && V::SLOTS >= 8 {
+            8
+        } else if left >= 4 {
+            4
+        } else if left >= 2 {
+            2
+        } else {
+            1
+        };
+        let sub = Strip {
+            start: t.start + v * w,
+            len: step * w,
+            off: t.off + v * w,
+            ..t
+        };
+        match step {
+            8 => sums_group::<V, M, 8>(x, dy, sub, win, mask),
+            4 => sums_group::<V, M, 4>(x, dy, sub, win, mask),
+            2 => sums_group::<V, M, 2>(x, dy, sub, win, mask),
+            _ => sums_group::<V, M, 1>(x, dy, sub, win, mask),
+        }
+        v += step;
+    }
+    let whole = nv * w;
+    if w > 1 && whole < t.len {
+        let tail = Strip {
+            start: t.start + whole,
+            len: t.len - whole,
+            off: t.off + whole,
+            ..t
+        };
+        sums_strip::<V::Half, M>(x, dy, tail, win, mask);
+    }
+}
+
+/// `NV` vectors of a strip over all its rows, the sums in registers,
+/// flushed to `f64` every [`INNER`] rows.
+#[inline(always)]
+fn sums_group<V: Lane, M: Mask, const NV: usize>(
+    x: &[f32],
+    dy: &[f32],
+    t: Strip,
+    win: &mut Win,
+    mask: M,
+) {
+    let w = V::WIDTH;
+    let load = |arr: &[f32; WINDOW]| -> [V; NV] {
+        core::array::from_fn(|k| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16])))
+    };
+    let (a, b, m) = (load(&win.a), load(&win.b), load(&win.m));
+    let mut r0 = 0;
+    while r0 < t.rows {
+        let rb = (t.rows - r0).min(INNER);
+        let mut sg = [V::splat(0.0); NV];
+        let mut sgd = [V::splat(0.0); NV];
+        for r in r0..r0 + rb {
+            let base = t.start + r * t.stride;
+            let span = base..base + NV * w;
+            let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) else {
+                break;
+            };
+            for k in 0..NV {
+                let xv = V::load(&xr[k * w..]);
+                let g = mask.keep(xv, a[k], b[k], V::load(&dr[k * w..]));
+                sg[k] = sg[k].add(g);
+                sgd[k] = g.mul_add(xv.sub(m[k]), sgd[k]);
+            }
+        }
+        for k in 0..NV {
+            win.flush(t.off + k * w, sg[k], sgd[k]);
+        }
+        r0 += rb;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pass 2: dx
+
+/// `dx` of one contiguous run with one channel's coefficients (`pat` of
+/// length 1).
+fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
+    io: &mut IO,
+    start: usize,
+    len: usize,
+    pat: Pat<'_>,
+    mask: M,
+    form: F,
+) {
+    let one = |s: &[f32]| V::splat(s.first().copied().unwrap_or(0.0));
+    let k = Coefs {
+        a: one(pat.a),
+        b: one(pat.b),
+        m: one(pat.m),
+        p: one(pat.p),
+        q: one(pat.q),
+        r: one(pat.r),
+    };
+    let whole = len / V::WIDTH * V::WIDTH;
+    io.map::<V>(start, whole, |x, dy| {
+        form.dx(mask.keep(x, k.a, k.b, dy), x, k)
+    });
+    if V::WIDTH > 1 && whole < len {
+        run_dx::<V::Half, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
+    }
+}
+
+/// `dx` of a strip, row by row in memory order; the tail columns with
+/// narrower lanes.
+fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
+    let whole = t.len / V::WIDTH * V::WIDTH;
+    if let Some(pat) = win.pat(t.off, t.off + whole) {
+        if whole > 0 {
+            for r in 0..t.rows {
+                io.map_pattern::<V>(t.start + r * t.stride, pat, |x, dy, k| {
+                    form.dx(mask.keep(x, k.a, k.b, dy), x, k)
+                });
+            }
+        }
+    }
+    if V::WIDTH > 1 && whole < t.len {
+        let tail = Strip {
+            start: t.start + whole,
+            len: t.len - whole,
+            off: t.off + whole,
+            ..t
+        };
+        dx_strip::<V::Half, M, F, IO>(io, tail, win, mask, form);
+    }
+}
