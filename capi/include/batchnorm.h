@@ -76,8 +76,45 @@
 #define BN_MOMENTS_BYTES 24
 
 /**
+ * `mode` of `bn_backward`: the forward normalized with the batch's own
+ * statistics (a training step); `dx` includes the gradient through them.
+ */
+#define BN_MODE_TRAINING 0
+
+/**
+ * `mode` of `bn_backward`: the forward normalized with constant
+ * statistics (moving averages, a frozen layer).
+ */
+#define BN_MODE_INFERENCE 1
+
+/**
+ * `bn_weight_layout.kind`: output channel first, `[O, ...]`: PyTorch
+ * `Conv1d/2d/3d` (`OIHW`, grouped and depthwise included) and `Linear`
+ * `[out, in]`.
+ */
+#define BN_WEIGHTS_OUT_FIRST 0
+
+/**
+ * `bn_weight_layout.kind`: output channel second, `[I, O / groups, ...]`:
+ * PyTorch `ConvTranspose2d` (`IOHW`); uses `groups` and `kernel`.
+ */
+#define BN_WEIGHTS_OUT_SECOND 1
+
+/**
+ * `bn_weight_layout.kind`: output channel last, `[..., O]`: TensorFlow /
+ * Keras `Conv2D` (`HWIO`) and `Dense` `[in, out]`.
+ */
+#define BN_WEIGHTS_OUT_LAST 2
+
+/**
+ * `bn_weight_layout.kind`: Keras `DepthwiseConv2D` `[kh, kw, I, M]`,
+ * output channel `i * M + m`; uses `multiplier`.
+ */
+#define BN_WEIGHTS_HWIM 3
+
+/**
  * What a function returns: `BN_OK` or why it refused its input (nothing
- * was written then). Codes 1 to 8 are the Rust crate's `Error` variants;
+ * was written then). Codes 1 to 9 are the Rust crate's `Error` variants;
  * the rest are checks of the C boundary.
  */
 enum bn_status
@@ -122,26 +159,31 @@ enum bn_status
    */
   BN_ERR_CLAMP = 8,
   /**
+   * A weight tensor that does not split into the output channels in its
+   * layout (`bn_fold_into_weights`).
+   */
+  BN_ERR_WEIGHTS = 9,
+  /**
    * A null pointer for a non-empty buffer or a required struct.
    */
-  BN_ERR_NULL_POINTER = 9,
+  BN_ERR_NULL_POINTER = 10,
   /**
    * A pointer not aligned for its element type.
    */
-  BN_ERR_MISALIGNED = 10,
+  BN_ERR_MISALIGNED = 11,
   /**
    * An output overlaps another buffer of the same call.
    */
-  BN_ERR_OVERLAP = 11,
+  BN_ERR_OVERLAP = 12,
   /**
    * An enumeration field holds a value that names no variant.
    */
-  BN_ERR_BAD_ENUM = 12,
+  BN_ERR_BAD_ENUM = 13,
   /**
    * An error of the Rust crate that this version of the C ABI has no
    * code for (not produced by this version).
    */
-  BN_ERR_UNKNOWN = 13,
+  BN_ERR_UNKNOWN = 14,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -323,6 +365,31 @@ typedef struct bn_layer {
    */
   float *batch_variance;
 } bn_layer;
+
+/**
+ * Where the output channel sits in a weight tensor (the Rust
+ * `WeightLayout`): a `BN_WEIGHTS_*` kind and the fields it uses.
+ */
+typedef struct bn_weight_layout {
+  /**
+   * One of the `BN_WEIGHTS_*` constants.
+   */
+  uint32_t kind;
+  /**
+   * `BN_WEIGHTS_OUT_SECOND`: number of groups (1 for an ordinary
+   * transposed convolution).
+   */
+  size_t groups;
+  /**
+   * `BN_WEIGHTS_OUT_SECOND`: elements per (input, output) channel pair,
+   * `kh * kw`.
+   */
+  size_t kernel;
+  /**
+   * `BN_WEIGHTS_HWIM`: the depth multiplier `M`.
+   */
+  size_t multiplier;
+} bn_weight_layout;
 
 #ifdef __cplusplus
 extern "C" {
@@ -693,6 +760,151 @@ bn_status bn_layer_infer_in_place(const struct bn_layer *layer,
                                   struct bn_shape shape,
                                   const float *scale,
                                   const float *offset);
+
+/**
+ * The backward pass: `dx` (the shape of `x`), `dscale` and `doffset`
+ * (`params->channels` each) from the forward input `x`, the loss's
+ * gradient `dy` with respect to the forward output, and the forward's
+ * parameters (the statistics it normalized with, scale, offset, epsilon
+ * and the fused activation, whose mask applies to `dy`). `mode` is
+ * `BN_MODE_TRAINING` or `BN_MODE_INFERENCE`.
+ *
+ * Errors: counts that do not match `shape`, `BN_ERR_EPSILON`,
+ * `BN_ERR_CLAMP`, `BN_ERR_EMPTY_BATCH` in training mode (in inference mode
+ * an empty batch sets `dscale` and `doffset` to 0), `BN_ERR_BAD_ENUM`, the
+ * pointer checks.
+ *
+ * # Safety
+ *
+ * `params` is null or points to a `bn_params` whose non-null arrays hold
+ * `channels` floats; each other non-null pointer addresses as many floats
+ * as its count; no other thread writes them during the call.
+ */
+bn_status bn_backward(const float *x,
+                      size_t x_len,
+                      const float *dy,
+                      size_t dy_len,
+                      struct bn_shape shape,
+                      const struct bn_params *params,
+                      uint32_t mode,
+                      float *dx,
+                      size_t dx_len,
+                      float *dscale,
+                      float *doffset);
+
+/**
+ * `bn_backward` overwriting `dy` with `dx`.
+ *
+ * # Safety
+ *
+ * As [`bn_backward`].
+ */
+bn_status bn_backward_in_place(const float *x,
+                               size_t x_len,
+                               float *dy,
+                               size_t dy_len,
+                               struct bn_shape shape,
+                               const struct bn_params *params,
+                               uint32_t mode,
+                               float *dscale,
+                               float *doffset);
+
+/**
+ * The backward pass of the layer's last training step: `dx`, `dscale`,
+ * `doffset` from that step's input `x`, the loss's gradient `dy`, the same
+ * `scale` and `offset`, and the batch statistics the step left in
+ * `layer->batch_mean` and `layer->batch_variance` (through the config's
+ * activation). `dscale` and `doffset` hold `layer->channels` floats.
+ *
+ * Errors: counts that do not match `shape` or the layer's channels,
+ * `BN_ERR_EMPTY_BATCH`, an invalid config, the pointer checks (the batch
+ * arrays must be set).
+ *
+ * # Safety
+ *
+ * `layer` is null or points to a `bn_layer` whose arrays hold `channels`
+ * floats each; each other non-null pointer addresses as many floats as its
+ * count; no other thread writes them during the call.
+ */
+bn_status bn_layer_backward(const struct bn_layer *layer,
+                            const float *x,
+                            size_t x_len,
+                            const float *dy,
+                            size_t dy_len,
+                            struct bn_shape shape,
+                            const float *scale,
+                            const float *offset,
+                            float *dx,
+                            size_t dx_len,
+                            float *dscale,
+                            float *doffset);
+
+/**
+ * The backward pass of `bn_layer_infer`: the moving statistics are
+ * constants, so `dx = dy * scale / sqrt(moving_variance + epsilon)`
+ * (masked by the activation); for fine-tuning around a frozen layer. An
+ * empty batch sets `dscale` and `doffset` to 0. Only reads the layer.
+ *
+ * # Safety
+ *
+ * As [`bn_layer_backward`] (the batch arrays are not used).
+ */
+bn_status bn_layer_backward_infer(const struct bn_layer *layer,
+                                  const float *x,
+                                  size_t x_len,
+                                  const float *dy,
+                                  size_t dy_len,
+                                  struct bn_shape shape,
+                                  const float *scale,
+                                  const float *offset,
+                                  float *dx,
+                                  size_t dx_len,
+                                  float *dscale,
+                                  float *doffset);
+
+/**
+ * Folds inference-mode batch normalization (`params`: the moving mean and
+ * variance, scale, offset, epsilon; the activation stays after the folded
+ * layer) into the preceding dense or convolution layer: scales the
+ * `weight_len` floats at `weight` in place and writes the folded bias
+ * (`params->channels` floats) to `bias_out`. `bias` is the layer's own bias
+ * (`params->channels` floats), or null for none.
+ *
+ * Errors: `BN_ERR_WEIGHTS` when the weights do not split into
+ * `params->channels` output channels in `layout`, `BN_ERR_EPSILON`,
+ * `BN_ERR_ZERO_CHANNELS`, `BN_ERR_BAD_ENUM`, the pointer checks.
+ *
+ * # Safety
+ *
+ * `params` is null or points to a `bn_params` whose non-null arrays hold
+ * `channels` floats; each other non-null pointer addresses as many floats
+ * as its count; no other thread accesses them during the call.
+ */
+bn_status bn_fold_into_weights(float *weight,
+                               size_t weight_len,
+                               const float *bias,
+                               struct bn_weight_layout layout,
+                               const struct bn_params *params,
+                               float *bias_out);
+
+/**
+ * `bn_fold_into_weights` with the layer's moving statistics, epsilon and
+ * the given `scale` and `offset` (`layer->channels` floats each, or null):
+ * the deployment step after training. Only reads the layer.
+ *
+ * # Safety
+ *
+ * `layer` is null or points to a `bn_layer` whose moving arrays hold
+ * `channels` floats; otherwise as [`bn_fold_into_weights`].
+ */
+bn_status bn_layer_fold_into_weights(const struct bn_layer *layer,
+                                     float *weight,
+                                     size_t weight_len,
+                                     const float *bias,
+                                     struct bn_weight_layout layout,
+                                     const float *scale,
+                                     const float *offset,
+                                     float *bias_out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -50,8 +50,8 @@ extern crate std;
 mod raw;
 
 use batchnorm::{
-    Activation, Batch, BatchNorm, Config, Error, Layout, Moments, Momentum, MovingStats, Params,
-    ScaleOffset, Shape, Variance,
+    Activation, Batch, BatchNorm, Config, Error, Gradients, Layout, Mode, Moments, Momentum,
+    MovingStats, Params, ScaleOffset, Shape, Variance, WeightLayout,
 };
 use core::ffi::c_char;
 use raw::{disjoint, optional, read, slice, slice_mut, write, Region};
@@ -80,7 +80,7 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
 // Status codes
 
 /// What a function returns: `BN_OK` or why it refused its input (nothing
-/// was written then). Codes 1 to 8 are the Rust crate's `Error` variants;
+/// was written then). Codes 1 to 9 are the Rust crate's `Error` variants;
 /// the rest are checks of the C boundary.
 #[repr(i32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,17 +103,20 @@ pub enum bn_status {
     BN_ERR_COUNT_OVERFLOW = 7,
     /// A clamp activation with NaN bounds or `min > max`.
     BN_ERR_CLAMP = 8,
+    /// A weight tensor that does not split into the output channels in its
+    /// layout (`bn_fold_into_weights`).
+    BN_ERR_WEIGHTS = 9,
     /// A null pointer for a non-empty buffer or a required struct.
-    BN_ERR_NULL_POINTER = 9,
+    BN_ERR_NULL_POINTER = 10,
     /// A pointer not aligned for its element type.
-    BN_ERR_MISALIGNED = 10,
+    BN_ERR_MISALIGNED = 11,
     /// An output overlaps another buffer of the same call.
-    BN_ERR_OVERLAP = 11,
+    BN_ERR_OVERLAP = 12,
     /// An enumeration field holds a value that names no variant.
-    BN_ERR_BAD_ENUM = 12,
+    BN_ERR_BAD_ENUM = 13,
     /// An error of the Rust crate that this version of the C ABI has no
     /// code for (not produced by this version).
-    BN_ERR_UNKNOWN = 13,
+    BN_ERR_UNKNOWN = 14,
 }
 
 use bn_status::*;
@@ -129,6 +132,7 @@ impl From<Error> for bn_status {
             Error::Decay(_) => BN_ERR_DECAY,
             Error::CountOverflow => BN_ERR_COUNT_OVERFLOW,
             Error::Clamp { .. } => BN_ERR_CLAMP,
+            Error::Weights { .. } => BN_ERR_WEIGHTS,
             _ => BN_ERR_UNKNOWN,
         }
     }
@@ -157,11 +161,12 @@ pub extern "C" fn bn_status_name(code: i32) -> *const c_char {
         6 => c"BN_ERR_DECAY",
         7 => c"BN_ERR_COUNT_OVERFLOW",
         8 => c"BN_ERR_CLAMP",
-        9 => c"BN_ERR_NULL_POINTER",
-        10 => c"BN_ERR_MISALIGNED",
-        11 => c"BN_ERR_OVERLAP",
-        12 => c"BN_ERR_BAD_ENUM",
-        13 => c"BN_ERR_UNKNOWN",
+        9 => c"BN_ERR_WEIGHTS",
+        10 => c"BN_ERR_NULL_POINTER",
+        11 => c"BN_ERR_MISALIGNED",
+        12 => c"BN_ERR_OVERLAP",
+        13 => c"BN_ERR_BAD_ENUM",
+        14 => c"BN_ERR_UNKNOWN",
         _ => c"BN_ERR_(unknown code)",
     };
     name.as_ptr()
@@ -1234,4 +1239,375 @@ fn inference_params(
         epsilon: l.config.epsilon,
         activation: l.config.activation,
     })
+}
+
+// ---------------------------------------------------------------------------
+// Backward pass and folding into weights
+
+/// `mode` of `bn_backward`: the forward normalized with the batch's own
+/// statistics (a training step); `dx` includes the gradient through them.
+pub const BN_MODE_TRAINING: u32 = 0;
+/// `mode` of `bn_backward`: the forward normalized with constant
+/// statistics (moving averages, a frozen layer).
+pub const BN_MODE_INFERENCE: u32 = 1;
+
+fn mode_of(mode: u32) -> Result<Mode, bn_status> {
+    match mode {
+        BN_MODE_TRAINING => Ok(Mode::Training),
+        BN_MODE_INFERENCE => Ok(Mode::Inference),
+        _ => Err(BN_ERR_BAD_ENUM),
+    }
+}
+
+/// The backward pass: `dx` (the shape of `x`), `dscale` and `doffset`
+/// (`params->channels` each) from the forward input `x`, the loss's
+/// gradient `dy` with respect to the forward output, and the forward's
+/// parameters (the statistics it normalized with, scale, offset, epsilon
+/// and the fused activation, whose mask applies to `dy`). `mode` is
+/// `BN_MODE_TRAINING` or `BN_MODE_INFERENCE`.
+///
+/// Errors: counts that do not match `shape`, `BN_ERR_EPSILON`,
+/// `BN_ERR_CLAMP`, `BN_ERR_EMPTY_BATCH` in training mode (in inference mode
+/// an empty batch sets `dscale` and `doffset` to 0), `BN_ERR_BAD_ENUM`, the
+/// pointer checks.
+///
+/// # Safety
+///
+/// `params` is null or points to a `bn_params` whose non-null arrays hold
+/// `channels` floats; each other non-null pointer addresses as many floats
+/// as its count; no other thread writes them during the call.
+#[no_mangle]
+pub unsafe extern "C" fn bn_backward(
+    x: *const f32,
+    x_len: usize,
+    dy: *const f32,
+    dy_len: usize,
+    shape: bn_shape,
+    params: *const bn_params,
+    mode: u32,
+    dx: *mut f32,
+    dx_len: usize,
+    dscale: *mut f32,
+    doffset: *mut f32,
+) -> bn_status {
+    status(|| {
+        let (shape, mode) = (shape.to_rust()?, mode_of(mode)?);
+        // SAFETY: the caller's contract.
+        let params = unsafe { read(params)? };
+        let c = params.channels;
+        let [m, v, s, o] = params.regions();
+        disjoint(
+            &[
+                Region::of(dx, dx_len),
+                Region::of(dscale, c),
+                Region::of(doffset, c),
+            ],
+            &[Region::of(x, x_len), Region::of(dy, dy_len), m, v, s, o],
+        )?;
+        // SAFETY: the caller's contract; the outputs overlap nothing else.
+        unsafe {
+            let p = params.to_rust()?;
+            let grads = Gradients {
+                dx: slice_mut(dx, dx_len)?,
+                dscale: slice_mut(dscale, c)?,
+                doffset: slice_mut(doffset, c)?,
+            };
+            batchnorm::backward(slice(x, x_len)?, slice(dy, dy_len)?, shape, &p, mode, grads)?
+        };
+        Ok(())
+    })
+}
+
+/// `bn_backward` overwriting `dy` with `dx`.
+///
+/// # Safety
+///
+/// As [`bn_backward`].
+#[no_mangle]
+pub unsafe extern "C" fn bn_backward_in_place(
+    x: *const f32,
+    x_len: usize,
+    dy: *mut f32,
+    dy_len: usize,
+    shape: bn_shape,
+    params: *const bn_params,
+    mode: u32,
+    dscale: *mut f32,
+    doffset: *mut f32,
+) -> bn_status {
+    status(|| {
+        let (shape, mode) = (shape.to_rust()?, mode_of(mode)?);
+        // SAFETY: the caller's contract.
+        let params = unsafe { read(params)? };
+        let c = params.channels;
+        let [m, v, s, o] = params.regions();
+        disjoint(
+            &[
+                Region::of(dy, dy_len),
+                Region::of(dscale, c),
+                Region::of(doffset, c),
+            ],
+            &[Region::of(x, x_len), m, v, s, o],
+        )?;
+        // SAFETY: the caller's contract; the outputs overlap nothing else.
+        unsafe {
+            let p = params.to_rust()?;
+            batchnorm::backward_in_place(
+                slice(x, x_len)?,
+                slice_mut(dy, dy_len)?,
+                shape,
+                &p,
+                mode,
+                slice_mut(dscale, c)?,
+                slice_mut(doffset, c)?,
+            )?
+        };
+        Ok(())
+    })
+}
+
+/// The backward pass of the layer's last training step: `dx`, `dscale`,
+/// `doffset` from that step's input `x`, the loss's gradient `dy`, the same
+/// `scale` and `offset`, and the batch statistics the step left in
+/// `layer->batch_mean` and `layer->batch_variance` (through the config's
+/// activation). `dscale` and `doffset` hold `layer->channels` floats.
+///
+/// Errors: counts that do not match `shape` or the layer's channels,
+/// `BN_ERR_EMPTY_BATCH`, an invalid config, the pointer checks (the batch
+/// arrays must be set).
+///
+/// # Safety
+///
+/// `layer` is null or points to a `bn_layer` whose arrays hold `channels`
+/// floats each; each other non-null pointer addresses as many floats as its
+/// count; no other thread writes them during the call.
+#[no_mangle]
+pub unsafe extern "C" fn bn_layer_backward(
+    layer: *const bn_layer,
+    x: *const f32,
+    x_len: usize,
+    dy: *const f32,
+    dy_len: usize,
+    shape: bn_shape,
+    scale: *const f32,
+    offset: *const f32,
+    dx: *mut f32,
+    dx_len: usize,
+    dscale: *mut f32,
+    doffset: *mut f32,
+) -> bn_status {
+    status(|| {
+        // SAFETY: the caller's contract.
+        let l = unsafe { read(layer)? };
+        let mut params = inference_params(&l, scale, offset)?;
+        if l.batch_mean.is_null() || l.batch_variance.is_null() {
+            return Err(BN_ERR_NULL_POINTER);
+        }
+        params.mean = l.batch_mean;
+        params.variance = l.batch_variance;
+        // SAFETY: the caller's contract, which is `bn_backward`'s for these
+        // parameters.
+        unsafe {
+            bn_backward(
+                x,
+                x_len,
+                dy,
+                dy_len,
+                shape,
+                &params,
+                BN_MODE_TRAINING,
+                dx,
+                dx_len,
+                dscale,
+                doffset,
+            )
+            .into_result()
+        }
+    })
+}
+
+/// The backward pass of `bn_layer_infer`: the moving statistics are
+/// constants, so `dx = dy * scale / sqrt(moving_variance + epsilon)`
+/// (masked by the activation); for fine-tuning around a frozen layer. An
+/// empty batch sets `dscale` and `doffset` to 0. Only reads the layer.
+///
+/// # Safety
+///
+/// As [`bn_layer_backward`] (the batch arrays are not used).
+#[no_mangle]
+pub unsafe extern "C" fn bn_layer_backward_infer(
+    layer: *const bn_layer,
+    x: *const f32,
+    x_len: usize,
+    dy: *const f32,
+    dy_len: usize,
+    shape: bn_shape,
+    scale: *const f32,
+    offset: *const f32,
+    dx: *mut f32,
+    dx_len: usize,
+    dscale: *mut f32,
+    doffset: *mut f32,
+) -> bn_status {
+    status(|| {
+        // SAFETY: the caller's contract.
+        let l = unsafe { read(layer)? };
+        let params = inference_params(&l, scale, offset)?;
+        // SAFETY: the caller's contract, which is `bn_backward`'s for these
+        // parameters.
+        unsafe {
+            bn_backward(
+                x,
+                x_len,
+                dy,
+                dy_len,
+                shape,
+                &params,
+                BN_MODE_INFERENCE,
+                dx,
+                dx_len,
+                dscale,
+                doffset,
+            )
+            .into_result()
+        }
+    })
+}
+
+/// `bn_weight_layout.kind`: output channel first, `[O, ...]`: PyTorch
+/// `Conv1d/2d/3d` (`OIHW`, grouped and depthwise included) and `Linear`
+/// `[out, in]`.
+pub const BN_WEIGHTS_OUT_FIRST: u32 = 0;
+/// `bn_weight_layout.kind`: output channel second, `[I, O / groups, ...]`:
+/// PyTorch `ConvTranspose2d` (`IOHW`); uses `groups` and `kernel`.
+pub const BN_WEIGHTS_OUT_SECOND: u32 = 1;
+/// `bn_weight_layout.kind`: output channel last, `[..., O]`: TensorFlow /
+/// Keras `Conv2D` (`HWIO`) and `Dense` `[in, out]`.
+pub const BN_WEIGHTS_OUT_LAST: u32 = 2;
+/// `bn_weight_layout.kind`: Keras `DepthwiseConv2D` `[kh, kw, I, M]`,
+/// output channel `i * M + m`; uses `multiplier`.
+pub const BN_WEIGHTS_HWIM: u32 = 3;
+
+/// Where the output channel sits in a weight tensor (the Rust
+/// `WeightLayout`): a `BN_WEIGHTS_*` kind and the fields it uses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct bn_weight_layout {
+    /// One of the `BN_WEIGHTS_*` constants.
+    pub kind: u32,
+    /// `BN_WEIGHTS_OUT_SECOND`: number of groups (1 for an ordinary
+    /// transposed convolution).
+    pub groups: usize,
+    /// `BN_WEIGHTS_OUT_SECOND`: elements per (input, output) channel pair,
+    /// `kh * kw`.
+    pub kernel: usize,
+    /// `BN_WEIGHTS_HWIM`: the depth multiplier `M`.
+    pub multiplier: usize,
+}
+
+impl bn_weight_layout {
+    fn to_rust(self) -> Result<WeightLayout, bn_status> {
+        Ok(match self.kind {
+            BN_WEIGHTS_OUT_FIRST => WeightLayout::OutFirst,
+            BN_WEIGHTS_OUT_SECOND => WeightLayout::OutSecond {
+                groups: self.groups,
+                kernel: self.kernel,
+            },
+            BN_WEIGHTS_OUT_LAST => WeightLayout::OutLast,
+            BN_WEIGHTS_HWIM => WeightLayout::Hwim {
+                multiplier: self.multiplier,
+            },
+            _ => return Err(BN_ERR_BAD_ENUM),
+        })
+    }
+}
+
+/// Folds inference-mode batch normalization (`params`: the moving mean and
+/// variance, scale, offset, epsilon; the activation stays after the folded
+/// layer) into the preceding dense or convolution layer: scales the
+/// `weight_len` floats at `weight` in place and writes the folded bias
+/// (`params->channels` floats) to `bias_out`. `bias` is the layer's own bias
+/// (`params->channels` floats), or null for none.
+///
+/// Errors: `BN_ERR_WEIGHTS` when the weights do not split into
+/// `params->channels` output channels in `layout`, `BN_ERR_EPSILON`,
+/// `BN_ERR_ZERO_CHANNELS`, `BN_ERR_BAD_ENUM`, the pointer checks.
+///
+/// # Safety
+///
+/// `params` is null or points to a `bn_params` whose non-null arrays hold
+/// `channels` floats; each other non-null pointer addresses as many floats
+/// as its count; no other thread accesses them during the call.
+#[no_mangle]
+pub unsafe extern "C" fn bn_fold_into_weights(
+    weight: *mut f32,
+    weight_len: usize,
+    bias: *const f32,
+    layout: bn_weight_layout,
+    params: *const bn_params,
+    bias_out: *mut f32,
+) -> bn_status {
+    status(|| {
+        let layout = layout.to_rust()?;
+        // SAFETY: the caller's contract.
+        let params = unsafe { read(params)? };
+        let c = params.channels;
+        let [m, v, s, o] = params.regions();
+        disjoint(
+            &[Region::of(weight, weight_len), Region::of(bias_out, c)],
+            &[Region::of(bias, c), m, v, s, o],
+        )?;
+        // SAFETY: the caller's contract; the outputs overlap nothing else.
+        unsafe {
+            let p = params.to_rust()?;
+            batchnorm::fold_into_weights(
+                slice_mut(weight, weight_len)?,
+                optional(bias, c)?,
+                layout,
+                &p,
+                slice_mut(bias_out, c)?,
+            )?
+        };
+        Ok(())
+    })
+}
+
+/// `bn_fold_into_weights` with the layer's moving statistics, epsilon and
+/// the given `scale` and `offset` (`layer->channels` floats each, or null):
+/// the deployment step after training. Only reads the layer.
+///
+/// # Safety
+///
+/// `layer` is null or points to a `bn_layer` whose moving arrays hold
+/// `channels` floats; otherwise as [`bn_fold_into_weights`].
+#[no_mangle]
+pub unsafe extern "C" fn bn_layer_fold_into_weights(
+    layer: *const bn_layer,
+    weight: *mut f32,
+    weight_len: usize,
+    bias: *const f32,
+    layout: bn_weight_layout,
+    scale: *const f32,
+    offset: *const f32,
+    bias_out: *mut f32,
+) -> bn_status {
+    status(|| {
+        // SAFETY: the caller's contract.
+        let l = unsafe { read(layer)? };
+        let params = inference_params(&l, scale, offset)?;
+        // SAFETY: the caller's contract, which is `bn_fold_into_weights`'s
+        // for these parameters.
+        unsafe { bn_fold_into_weights(weight, weight_len, bias, layout, &params, bias_out) }
+            .into_result()
+    })
+}
+
+impl bn_status {
+    /// `Ok` for `BN_OK`, else the status as an error.
+    fn into_result(self) -> Result<(), bn_status> {
+        match self {
+            BN_OK => Ok(()),
+            s => Err(s),
+        }
+    }
 }

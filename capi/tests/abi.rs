@@ -317,10 +317,174 @@ fn records_and_update() {
 
 #[test]
 fn status_names() {
-    for code in 0..=13 {
+    for code in 0..=14 {
         let name = unsafe { std::ffi::CStr::from_ptr(bn_status_name(code)) };
         assert!(name.to_str().unwrap().starts_with("BN_"), "{name:?}");
     }
     let other = unsafe { std::ffi::CStr::from_ptr(bn_status_name(99)) };
     assert_eq!(other.to_str().unwrap(), "BN_ERR_(unknown code)");
+}
+
+#[test]
+// The backward kernels take square roots through libm, whose x86 `sqrt` is
+// inline assembly that Miri cannot run.
+#[cfg_attr(miri, ignore)]
+fn backward_and_fold_equal_the_rust_api() {
+    use batchnorm::{Gradients, WeightLayout};
+    let shape = Shape::nhwc(2, 3, 4);
+    let sh = bn_shape_nhwc(2, 3, 4);
+    let (scale, offset) = ([1.0f32, 0.5, 2.0, 1.5], [0.0f32, 1.0, -1.0, 0.5]);
+    let x = data(24);
+    let dy: Vec<f32> = data(24).iter().map(|v| v * 0.25 - 0.1).collect();
+    let config = Config::keras().with_activation(Activation::Relu);
+    let mut cfg = bn_config_keras();
+    cfg.activation.kind = BN_ACTIVATION_RELU;
+
+    // Rust: a training step, then both backward passes.
+    let (mut mm, mut mv) = ([0.0f32; 4], [1.0f32; 4]);
+    let (mut bm, mut bv) = ([0.0f32; 4], [0.0f32; 4]);
+    let so = ScaleOffset::new(&scale, &offset);
+    let mut bn = BatchNorm::new(
+        config,
+        MovingStats {
+            mean: &mut mm,
+            variance: &mut mv,
+            batches: 0,
+        },
+    )
+    .unwrap();
+    let mut y = vec![0.0; 24];
+    let mut batch = Batch {
+        mean: &mut bm,
+        variance: &mut bv,
+    };
+    bn.train(&x, &mut y, shape, so, &mut batch).unwrap();
+    let (mut dx, mut ds, mut dof) = (vec![0.0; 24], [0.0f32; 4], [0.0f32; 4]);
+    let grads = Gradients {
+        dx: &mut dx,
+        dscale: &mut ds,
+        doffset: &mut dof,
+    };
+    bn.backward(&x, &dy, shape, so, &batch, grads).unwrap();
+    let (mut dxi, mut dsi, mut dofi) = (vec![0.0; 24], [0.0f32; 4], [0.0f32; 4]);
+    let grads = Gradients {
+        dx: &mut dxi,
+        dscale: &mut dsi,
+        doffset: &mut dofi,
+    };
+    bn.backward_infer(&x, &dy, shape, so, grads).unwrap();
+    let mut w: Vec<f32> = data(12);
+    let mut wb = [0.0f32; 4];
+    let p = Params {
+        mean: bn.moving().mean,
+        variance: bn.moving().variance,
+        scale: Some(&scale),
+        offset: Some(&offset),
+        epsilon: config.epsilon,
+        activation: config.activation,
+    };
+    batchnorm::fold_into_weights(&mut w, None, WeightLayout::OutLast, &p, &mut wb).unwrap();
+
+    // C: the same through a bn_layer.
+    let (mut cmm, mut cmv) = ([0.0f32; 4], [1.0f32; 4]);
+    let (mut cbm, mut cbv) = ([0.0f32; 4], [0.0f32; 4]);
+    let mut layer = bn_layer {
+        config: cfg,
+        channels: 4,
+        moving_mean: cmm.as_mut_ptr(),
+        moving_variance: cmv.as_mut_ptr(),
+        batches: 0,
+        batch_mean: cbm.as_mut_ptr(),
+        batch_variance: cbv.as_mut_ptr(),
+    };
+    let mut cy = vec![0.0; 24];
+    let (mut cdx, mut cds, mut cdof) = (vec![0.0; 24], [0.0f32; 4], [0.0f32; 4]);
+    let (sp, op) = (scale.as_ptr(), offset.as_ptr());
+    unsafe {
+        let st = bn_layer_train(&mut layer, x.as_ptr(), 24, cy.as_mut_ptr(), 24, sh, sp, op);
+        assert_eq!(st, BN_OK);
+        let st = bn_layer_backward(
+            &layer,
+            x.as_ptr(),
+            24,
+            dy.as_ptr(),
+            24,
+            sh,
+            sp,
+            op,
+            cdx.as_mut_ptr(),
+            24,
+            cds.as_mut_ptr(),
+            cdof.as_mut_ptr(),
+        );
+        assert_eq!(st, BN_OK);
+    }
+    assert_eq!((&cdx, cds, cdof), (&dx, ds, dof));
+    unsafe {
+        let st = bn_layer_backward_infer(
+            &layer,
+            x.as_ptr(),
+            24,
+            dy.as_ptr(),
+            24,
+            sh,
+            sp,
+            op,
+            cdx.as_mut_ptr(),
+            24,
+            cds.as_mut_ptr(),
+            cdof.as_mut_ptr(),
+        );
+        assert_eq!(st, BN_OK);
+    }
+    assert_eq!((&cdx, cds, cdof), (&dxi, dsi, dofi));
+    // in place: dy becomes dx
+    let mut cdy = dy.clone();
+    let cp = bn_params {
+        mean: cbm.as_ptr(),
+        variance: cbv.as_ptr(),
+        scale: sp,
+        offset: op,
+        channels: 4,
+        epsilon: cfg.epsilon,
+        activation: cfg.activation,
+    };
+    unsafe {
+        let st = bn_backward_in_place(
+            x.as_ptr(),
+            24,
+            cdy.as_mut_ptr(),
+            24,
+            sh,
+            &cp,
+            BN_MODE_TRAINING,
+            cds.as_mut_ptr(),
+            cdof.as_mut_ptr(),
+        );
+        assert_eq!(st, BN_OK);
+    }
+    assert_eq!((&cdy, cds, cdof), (&dx, ds, dof));
+    // folding the trained layer into an HWIO/Dense weight [3, 4]
+    let mut cw: Vec<f32> = data(12);
+    let mut cwb = [0.0f32; 4];
+    let layout = bn_weight_layout {
+        kind: BN_WEIGHTS_OUT_LAST,
+        groups: 0,
+        kernel: 0,
+        multiplier: 0,
+    };
+    let st = unsafe {
+        bn_layer_fold_into_weights(
+            &layer,
+            cw.as_mut_ptr(),
+            12,
+            ptr::null(),
+            layout,
+            sp,
+            op,
+            cwb.as_mut_ptr(),
+        )
+    };
+    assert_eq!(st, BN_OK);
+    assert_eq!((&cw, cwb), (&w, wb));
 }

@@ -479,11 +479,11 @@ static void fill(float *p, size_t n) {
 static void error_codes(void) {
     static const char *names[] = {"BN_OK", "BN_ERR_ZERO_CHANNELS", "BN_ERR_SHAPE_OVERFLOW", "BN_ERR_LENGTH",
                                   "BN_ERR_EMPTY_BATCH", "BN_ERR_EPSILON", "BN_ERR_DECAY", "BN_ERR_COUNT_OVERFLOW",
-                                  "BN_ERR_CLAMP", "BN_ERR_NULL_POINTER", "BN_ERR_MISALIGNED", "BN_ERR_OVERLAP",
-                                  "BN_ERR_BAD_ENUM", "BN_ERR_UNKNOWN"};
+                                  "BN_ERR_CLAMP", "BN_ERR_WEIGHTS", "BN_ERR_NULL_POINTER", "BN_ERR_MISALIGNED",
+                                  "BN_ERR_OVERLAP", "BN_ERR_BAD_ENUM", "BN_ERR_UNKNOWN"};
     for (int code = 0; code < (int)N_ELEMS(names); code++)
         CHECK(strcmp(bn_status_name(code), names[code]) == 0, "name of %d: %s", code, bn_status_name(code));
-    CHECK(BN_ERR_UNKNOWN == 13 && strstr(bn_status_name(14), "unknown") && strstr(bn_status_name(-1), "unknown"),
+    CHECK(BN_ERR_UNKNOWN == 14 && strstr(bn_status_name(15), "unknown") && strstr(bn_status_name(-1), "unknown"),
           "names of non-codes");
 
     /* A 2 x 3 tensor (rows), its statistics and outputs. */
@@ -614,6 +614,44 @@ static void error_codes(void) {
         EXPECT(bn_layer_train(&l, x, 3, mom, 3, bn_shape_rows(1, 3), NULL, NULL), BN_ERR_OVERLAP, bm, 3);
         CHECK(mom[0] == 0 && l.batches == 0, "overlap: layer changed");
     }
+    /* BN_ERR_WEIGHTS: 7 weights do not split into 3 output channels */
+    {
+        float w[7] = {1, 2, 3, 4, 5, 6, 7}, w0[7], bias_out[3];
+        memcpy(w0, w, sizeof w);
+        bn_weight_layout first = {BN_WEIGHTS_OUT_FIRST, 0, 0, 0};
+        EXPECT(bn_fold_into_weights(w, 7, NULL, first, &p, bias_out), BN_ERR_WEIGHTS, bias_out, 3);
+        CHECK(memcmp(w, w0, sizeof w) == 0, "weights changed on error");
+        bn_weight_layout hwim = {BN_WEIGHTS_HWIM, 0, 0, 2}; /* 3 channels, multiplier 2 */
+        EXPECT(bn_fold_into_weights(w, 6, NULL, hwim, &p, bias_out), BN_ERR_WEIGHTS, bias_out, 3);
+        bn_weight_layout odd_kind = {9, 0, 0, 0};
+        EXPECT(bn_fold_into_weights(w, 6, NULL, odd_kind, &p, bias_out), BN_ERR_BAD_ENUM, bias_out, 3);
+        EXPECT(bn_fold_into_weights(w, 6, NULL, first, &p, w + 3), BN_ERR_OVERLAP, bias_out, 0);
+        /* a Linear [out 3, in 2] with scale 1, variance 1, epsilon 1e-3: the
+         * folded values against the f64 formula rounded once (fold.rs) */
+        float bias[3] = {0.5f, -0.5f, 2.0f};
+        EXPECT(bn_fold_into_weights(w, 6, bias, first, &p, bias_out), BN_OK, big, 0);
+        for (int i = 0; i < 6; i++) {
+            double a = 1.0 / sqrt(1.0 + (double)1e-3f);
+            CHECK(w[i] == (float)(w0[i] * a), "folded w[%d] %.9g", i, w[i]);
+        }
+        for (int c = 0; c < 3; c++) {
+            double a = 1.0 / sqrt(1.0 + (double)1e-3f);
+            CHECK(bias_out[c] == (float)((bias[c] - 1.0) * a), "folded bias[%d] %.9g", c, bias_out[c]);
+        }
+    }
+    /* backward: a bad mode, dx over dy, training mode on an empty batch */
+    {
+        float dy[6] = {1, -1, 0.5f, 2, 0, -0.5f}, dx[6], ds[3], dof[3];
+        EXPECT(bn_backward(x, 6, dy, 6, sh, &p, 2, dx, 6, ds, dof), BN_ERR_BAD_ENUM, dx, 6);
+        EXPECT(bn_backward(x, 6, dy, 6, sh, &p, BN_MODE_TRAINING, dy, 6, ds, dof), BN_ERR_OVERLAP, ds, 3);
+        EXPECT(bn_backward(NULL, 0, NULL, 0, bn_shape_rows(0, 3), &p, BN_MODE_TRAINING, NULL, 0, ds, dof),
+               BN_ERR_EMPTY_BATCH, ds, 3);
+        EXPECT(bn_backward(x, 6, dy, 5, sh, &p, BN_MODE_TRAINING, dx, 6, ds, dof), BN_ERR_LENGTH, dx, 6);
+        expect_status(bn_backward(NULL, 0, NULL, 0, bn_shape_rows(0, 3), &p, BN_MODE_INFERENCE, NULL, 0, ds, dof),
+                      BN_OK, "inference backward of an empty batch");
+        CHECK(ds[0] == 0 && dof[2] == 0, "empty inference backward: dscale/doffset not 0");
+    }
+
     /* and the happy path still works after all that */
     expect_status(bn_layer_train(&layer, x, 6, y, 6, sh, ones, zeros), BN_OK, "train");
     CHECK(layer.batches == 1 && bm[2] == 5.0f && bv[2] == 4.0f, "train: batches %llu, bm %g, bv %g",
