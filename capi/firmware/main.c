@@ -7,11 +7,15 @@
  *     each trained for three steps (bn_layer_train, then
  *     bn_layer_train_in_place) and run in inference (bn_layer_infer);
  *   - bn_moments, bn_fold and bn_affine on the last batch;
+ *   - the backward pass of the last training step (bn_layer_backward and
+ *     bn_backward_in_place) and bn_layer_fold_into_weights;
  *   - one bad call (a wrong count): BN_ERR_LENGTH and nothing written.
  *
  * Every result is checked against f64 oracles (two-pass moments, fold,
- * normalization, moving update) within the DESIGN section 3 bounds that
- * tests/golden.rs and capi/tests/test.c use. The stack of each call is
+ * normalization, moving update, backward, fold into weights) within the
+ * DESIGN section 3 bounds that tests/golden.rs and capi/tests/test.c use
+ * (the backward bounds of src/backward.rs's docs, as
+ * reference::check_backward applies them; the fold into weights exactly). The stack of each call is
  * measured by painting it first. PASS or FAIL goes out through
  * semihosting, and qemu exits 0 or 1.
  */
@@ -66,7 +70,7 @@ struct stack_use {
     const char *name;
     uint32_t max;
 };
-static struct stack_use stack_uses[8];
+static struct stack_use stack_uses[12];
 
 /* Records the stack a call used below `sp0` under `name`. */
 static void record(const char *name, uintptr_t sp0) {
@@ -150,10 +154,57 @@ static void check_y(const char *what, const float *x, const float *y, bn_shape s
     }
 }
 
-/* ---- the round ---------------------------------------------------------- */
+/* ---- backward ------------------------------------------------------------ */
 
 static float x[LEN], y[LEN], x_copy[LEN];
 static float scale[C], offset[C], mm[C], mv[C], bm[C], bv[C], prev_mm[C], prev_mv[C], a[C], b[C];
+static float x_train[LEN], dy[LEN], dx[LEN], dx2[LEN];
+
+/* Training-mode backward of the layer's last step (x holds that step's
+ * input) checked against the f64 oracle; bn_backward_in_place must agree
+ * bit for bit. */
+static void backward_round(const bn_layer *layer, bn_shape sh) {
+    static const double TINY = 1.401298464324817e-45; /* 2^-149 */
+    const double SUM = 36.0 * EPS;                     /* reference::BACKWARD_SUM */
+    float ds[C], dof[C], ds2[C], dof2[C];
+    for (size_t i = 0; i < LEN; i++) dy[i] = uniform();
+    ok(MEASURED("bn_layer_backward", bn_layer_backward(layer, x_train, LEN, dy, LEN, sh, scale, offset, dx, LEN, ds, dof)),
+       "layer_backward");
+    bn_params p = {layer->batch_mean, layer->batch_variance, scale, offset, C, layer->config.epsilon,
+                   layer->config.activation};
+    memcpy(dx2, dy, sizeof dy);
+    ok(MEASURED("bn_backward_in_place", bn_backward_in_place(x_train, LEN, dx2, LEN, sh, &p, BN_MODE_TRAINING, ds2, dof2)),
+       "backward_in_place");
+    checks++;
+    if (memcmp(dx, dx2, sizeof dx) || memcmp(ds, ds2, sizeof ds) || memcmp(dof, dof2, sizeof dof))
+        fail("backward in place differs", 0);
+    double count = (double)(sh.batch * sh.spatial), uf_sum = (count + 8.0) * TINY;
+    for (size_t c = 0; c < C; c++) {
+        double mean = p.mean[c], inv = 1.0 / sqrt((double)p.variance[c] + (double)p.epsilon);
+        double sg = 0, sgd = 0, abs_g = 0, abs_gd = 0;
+        for (size_t n = 0; n < sh.batch; n++)
+            for (size_t s = 0; s < sh.spatial; s++) {
+                size_t i = index_of(sh, n, s, c);
+                double g = dy[i], d = (double)x_train[i] - mean;
+                sg += g, sgd += g * d, abs_g += fabs(g), abs_gd += fabs(g * d);
+            }
+        double dscale = sgd * inv, pc = scale[c] * inv, q = -pc * inv * dscale / count, r = -pc * sg / count;
+        within("doffset", (uint32_t)c, dof[c], sg, SUM * abs_g + half_ulp(sg) + uf_sum);
+        within("dscale", (uint32_t)c, ds[c], dscale, SUM * inv * abs_gd + inv * uf_sum + half_ulp(dscale) + uf_sum);
+        for (size_t n = 0; n < sh.batch; n++)
+            for (size_t s = 0; s < sh.spatial; s++) {
+                size_t i = index_of(sh, n, s, c);
+                double g = dy[i], d = (double)x_train[i] - mean, want = g * pc + d * q + r;
+                double bound = 4.0 * EPS * (fabs(pc * g) + fabs(q * d) + fabs(r)) +
+                               SUM * fabs(pc) / count * (abs_g + inv * inv * fabs(d) * abs_gd) + half_ulp(want) +
+                               (fabs(g) + fabs(d) + 8.0) * TINY + fabs(pc) / count * (inv * inv * fabs(d) * uf_sum + uf_sum);
+                within("dx", (uint32_t)i, dx[i], want, bound);
+            }
+    }
+}
+
+/* ---- the round ---------------------------------------------------------- */
+
 
 static void layer_round(const char *name, bn_config cfg, bn_shape sh) {
     fw_puts(name);
@@ -201,6 +252,7 @@ static void layer_round(const char *name, bn_config cfg, bn_shape sh) {
                    (rounds * U + U * U) * (pv * d + bv[c] * bessel * w) + pv * em + bv[c] * bessel * ew);
         }
     }
+    memcpy(x_train, x, sizeof x); /* the last step's input, for backward */
     /* inference with the moving statistics */
     make_batch(x, sh, 1);
     ok(MEASURED("bn_layer_infer", bn_layer_infer(&layer, x, LEN, y, LEN, sh, scale, offset)), "infer");
@@ -219,6 +271,29 @@ static void layer_round(const char *name, bn_config cfg, bn_shape sh) {
     bn_activation none = {BN_ACTIVATION_NONE, 0, 0};
     ok(MEASURED("bn_affine", bn_affine(x, LEN, y, LEN, sh, a, b, C, none)), "affine");
     check_y("fold+affine", x, y, sh, mm, mv, scale, offset, cfg.epsilon);
+
+    /* the backward pass of the last training step (fresh dy; activation
+     * none), against the f64 oracle of src/reference.rs within the bounds
+     * of the backward module docs (reference::check_backward) */
+    backward_round(&layer, sh);
+
+    /* folding the trained layer into a Dense [in 5, out C] weight */
+    static float w[5 * C], w0[5 * C], bias_out[C];
+    for (size_t i = 0; i < 5 * C; i++) w[i] = w0[i] = uniform();
+    bn_weight_layout out_last = {BN_WEIGHTS_OUT_LAST, 0, 0, 0};
+    ok(MEASURED("bn_layer_fold_into_weights",
+                bn_layer_fold_into_weights(&layer, w, 5 * C, NULL, out_last, scale, offset, bias_out)),
+       "fold_into_weights");
+    for (size_t i = 0; i < 5 * C; i++) {
+        size_t c = i % C;
+        double ac = (double)scale[c] / sqrt((double)mv[c] + (double)cfg.epsilon);
+        checks++;
+        if (w[i] != (float)((double)w0[i] * ac)) fail("folded weight (one rounding of f64)", (uint32_t)i);
+        if (i < C) {
+            checks++;
+            if (bias_out[c] != (float)((0.0 - (double)mm[c]) * ac + (double)offset[c])) fail("folded bias", (uint32_t)c);
+        }
+    }
 
     /* a wrong count: refused, nothing written, state unchanged */
     memcpy(x_copy, y, sizeof y);

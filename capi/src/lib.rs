@@ -17,8 +17,8 @@
 //! - Outputs may not overlap any other buffer of the call
 //!   (`BN_ERR_OVERLAP`); to overwrite the input, call the `_in_place`
 //!   function.
-//! - Enumerations inside structs (`layout`, `kind`, `momentum`,
-//!   `moving_variance`) are `uint32_t` fields holding one of the `BN_*`
+//! - Enumerations (`layout`, `kind`, `momentum`, `moving_variance`, the
+//!   backward `mode`) are `uint32_t` values holding one of the `BN_*`
 //!   constants; any other value is `BN_ERR_BAD_ENUM`, never undefined
 //!   behaviour.
 //! - Nothing allocates, and no function can panic: every error is a status.
