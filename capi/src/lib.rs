@@ -21,10 +21,12 @@
 //!   backward `mode`) are `uint32_t` values holding one of the `BN_*`
 //!   constants; any other value is `BN_ERR_BAD_ENUM`, never undefined
 //!   behaviour.
-//! - Nothing allocates, and no function can panic: every error is a status.
-//!   The static library is built with `panic = "abort"`; on bare-metal
-//!   targets it carries a panic handler that is never reached (a panic in
-//!   an `extern "C"` function would abort, not unwind into C).
+//! - Nothing allocates, and no input makes a function panic: every error
+//!   is a status (the Rust crate's contract; this layer adds no panic path).
+//!   The firmware library (profile `capi-firmware`) is built with
+//!   `panic = "abort"` and carries a panic handler (`udf`, a fault) that no
+//!   input should reach; on hosted targets a panic in an `extern "C"`
+//!   function would abort, never unwind into C.
 //!
 //! # Safety
 //!
