@@ -282,7 +282,8 @@ impl Simd {
         }
     }
 
-    /// Number of `f32` lanes.
+    /// Number of `f32` lanes this width names (a compact build runs every
+    /// width with one).
     pub const fn lanes(self) -> usize {
         match self {
             Simd::Scalar => 1,

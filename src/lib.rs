@@ -22,16 +22,18 @@
 //! # Compact builds
 //!
 //! On every target but x86, x86-64 and aarch64 (microcontrollers such as
-//! `thumbv7em-none-eabihf`, and any target where `wide`'s vectors would be
-//! emulated with scalars) the build is *compact*: one lane width, one-lane
+//! `thumbv7em-none-eabihf`, and every other target, wasm32 included) the
+//! build is *compact*: one lane width, one-lane
 //! `f32` ([`Simd::detect`] returns [`Simd::Scalar`], and every [`Simd`]
 //! value runs it), and one normalization kernel for every [`Activation`]
 //! (an exact identity clamp for `None`). Only the code a microcontroller
 //! runs goes into its flash. The `all-widths` feature compiles every width
-//! and activation kernel there too; `--cfg batchnorm_compact` makes any
-//! build compact (CI tests the compact code on the host with it).
+//! and activation kernel there too (for wasm32 with `simd128`, say, where
+//! `Simd::X4` is native); `--cfg batchnorm_compact` makes any build compact
+//! (CI tests the compact code on the host with it).
 //!
-//! On the same targets the stack-resident windows are small
+//! On every target but x86-64 and aarch64 (i686 included) the
+//! stack-resident windows are small
 //! ([`GROUP_CHANNELS`], [`SEGMENT`] and the panel windows), so that every
 //! kernel stays within 4 KiB of stack for any shape on a Cortex-M4
 //! (`.ci/firmware` measures it under `qemu-system-arm`).
