@@ -81,11 +81,12 @@
 //!
 //! # Stack
 //!
-//! One window: six `f32` coefficients per position (`a`, `b`, `mean`, `p`,
-//! `q`, `r`; 1.5 KiB for [`WINDOW`] = 64), two `f64` sums per channel
-//! (1 KiB) and a position-to-channel table (64 bytes), plus two 16-lane
-//! staging arrays: about 2.7 KiB (10.3 KiB with the 64-bit hosts' window
-//! of 256); and the register groups' coefficients
+//! One window of [`WINDOW`] positions: six `f32` coefficients per position
+//! (`a`, `b`, `mean`, `p`, `q`, `r`), two `f64` sums per channel and a
+//! position-to-channel byte, 41 bytes per position: 1.3 KiB on small-stack
+//! targets (32 positions; 4 KiB in all on a Cortex-M4, measured by CI),
+//! 10.3 KiB on 64-bit hosts (256); plus two 16-lane staging arrays and the
+//! register groups' coefficients
 //! where they spill (at most 6 x 4 vectors in pass 2: 384 bytes with
 //! 4-lane vectors, 1.5 KiB with 16). No heap.
 //!
@@ -97,7 +98,7 @@
 //! in inference mode it writes `dscale = doffset = 0` and returns `Ok`.
 
 use crate::error::Error;
-use crate::lanes::{with_lane, Lane, Simd};
+use crate::lanes::{with_lane, Lane, Simd, SMALL_STACK};
 use crate::normalize::{fold_span, Activation, Params};
 use crate::shape::{Layout, Shape};
 
@@ -105,14 +106,11 @@ use crate::shape::{Layout, Shape};
 /// on the stack at once: 256 on 64-bit hosts (x86-64, aarch64), where a
 /// channels-last row of up to 256 channels is then read in memory order and
 /// wider rows in strips of 1 KiB per row (strips of 64 positions, 256
-/// bytes per row, ran at a quarter of the roofline at DRAM size); 64
-/// elsewhere, for microcontroller stacks.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub const WINDOW: usize = 256;
-/// Positions (and at most as many channels) whose coefficients and sums sit
-/// on the stack at once (64 on targets other than x86-64 and aarch64).
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-pub const WINDOW: usize = 64;
+/// bytes per row, ran at a quarter of the roofline at DRAM size); 32 on
+/// small-stack targets (microcontrollers, 32-bit targets, and
+/// `--cfg batchnorm_compact`): a 1.3 KB window, and 4.1 KB of stack in all
+/// on a Cortex-M4 with 64.
+pub(crate) const WINDOW: usize = if SMALL_STACK { 32 } else { 256 };
 
 /// Rows a column group of the `dx` pass sweeps before the next group takes
 /// the same rows: a block of a 256-position strip stays in L1.
@@ -763,6 +761,10 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
 }
 
 /// Validated, non-empty input.
+// Never inlined: each mask and mode is an instance with its own window,
+// and an instance inlined into the caller kept its window in the caller's
+// frame below the one it calls (7.0 KB instead of 4.4 KB on a Cortex-M4).
+#[inline(never)]
 fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
     io: &mut IO,
     shape: Shape,

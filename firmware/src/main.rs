@@ -10,7 +10,8 @@
 use batchnorm::reference::{self, Mismatch};
 use batchnorm::{
     accumulate, affine, affine_in_place, fold, moments, normalize, normalize_in_place,
-    update_moving, Activation, BatchNorm, Config, Moments, Params, Shape, Simd, Variance,
+    update_moving, Activation, Batch, BatchNorm, Config, Gradients, Mode, Moments, MovingStats,
+    Params, ScaleOffset, Shape, Simd, Variance,
 };
 use batchnorm_firmware::{exit, stack_use};
 use cortex_m_rt::entry;
@@ -57,6 +58,9 @@ const ACTIVATIONS: [Activation; 4] = [
     },
 ];
 
+/// Number of kernels in the report.
+const KINDS: usize = 15;
+
 /// The kernels, in the order of the report.
 #[derive(Clone, Copy)]
 #[repr(usize)]
@@ -74,9 +78,11 @@ enum K {
     TrainInPlace,
     Infer,
     InferInPlace,
+    Backward,
+    BackwardInfer,
 }
 
-const NAMES: [&str; 13] = [
+const NAMES: [&str; KINDS] = [
     "moments",
     "accumulate",
     "Moments::merge",
@@ -90,15 +96,17 @@ const NAMES: [&str; 13] = [
     "BatchNorm::train_in_place",
     "BatchNorm::infer",
     "BatchNorm::infer_in_place",
+    "BatchNorm::backward",
+    "BatchNorm::backward_infer",
 ];
 
 /// Per kernel: calls, failures, worst stack (`usize::MAX`: beyond the
 /// painted region) and the shape it was measured on.
 struct Report {
-    calls: [u32; 13],
-    fails: [u32; 13],
-    stack: [usize; 13],
-    worst: [Option<Shape>; 13],
+    calls: [u32; KINDS],
+    fails: [u32; KINDS],
+    stack: [usize; KINDS],
+    worst: [Option<Shape>; KINDS],
 }
 
 impl Report {
@@ -187,10 +195,10 @@ fn main() -> ! {
     // SAFETY: the only reference to the buffers, taken once.
     let buf = unsafe { &mut *core::ptr::addr_of_mut!(BUF) };
     let mut r = Report {
-        calls: [0; 13],
-        fails: [0; 13],
-        stack: [0; 13],
-        worst: [None; 13],
+        calls: [0; KINDS],
+        fails: [0; KINDS],
+        stack: [0; KINDS],
+        worst: [None; KINDS],
     };
     hprintln!(
         "batchnorm firmware test: Simd::detect() = {:?}",
@@ -327,8 +335,9 @@ fn run_shape(r: &mut Report, rng: &mut Rng, buf: &mut Buffers, shape: Shape, act
     match res {
         Ok(()) => {
             for i in 0..ch {
-                mean[i] = whole[i].mean;
-                var[i] = whole[i].variance(Variance::Population).unwrap_or(f32::NAN);
+                mean[i] = whole[i].mean as f32;
+                let v = whole[i].variance(Variance::Population);
+                var[i] = v.map_or(f32::NAN, |v| v as f32);
             }
             r.check(
                 K::Accumulate,
@@ -341,10 +350,13 @@ fn run_shape(r: &mut Report, rng: &mut Rng, buf: &mut Buffers, shape: Shape, act
     let mut merged = Moments::EMPTY;
     let mut bad = false;
     for i in 0..ch {
-        r.stack(K::Merge, shape, &mut || merged = left[i].merge(right[i]));
+        r.stack(K::Merge, shape, &mut || {
+            merged = left[i].merge(right[i]).unwrap_or(Moments::EMPTY)
+        });
         bad |= merged.count != count;
-        mean[i] = merged.mean;
-        var[i] = merged.variance(Variance::Population).unwrap_or(f32::NAN);
+        mean[i] = merged.mean as f32;
+        let v = merged.variance(Variance::Population);
+        var[i] = v.map_or(f32::NAN, |v| v as f32);
     }
     let check = reference::check_moments(x, shape, mean, var);
     r.check(K::Merge, shape, check);
@@ -460,7 +472,12 @@ fn run_shape(r: &mut Report, rng: &mut Rng, buf: &mut Buffers, shape: Shape, act
     mv.fill(2.0);
     let mut res = Ok(());
     r.stack(K::UpdateMoving, shape, &mut || {
-        res = update_moving(mm, mv, params.mean, params.variance, count, 1, &config);
+        let mut moving = MovingStats {
+            mean: mm,
+            variance: mv,
+            batches: 0,
+        };
+        res = update_moving(params.mean, params.variance, count, &config, &mut moving);
     });
     match res {
         Ok(()) => r.check(
@@ -502,15 +519,24 @@ fn layer(
     let (mut bm, mut bv) = ([0.0f32; MAX_C], [0.0f32; MAX_C]);
     let (mm, mv) = (&mut mm[..ch], &mut mv[..ch]);
     let (bm, bv) = (&mut bm[..ch], &mut bv[..ch]);
-    let mut bn = match BatchNorm::new(config, mm, mv, bm, bv)
-        .and_then(|l| l.with_scale(scale))
-        .and_then(|l| l.with_offset(offset))
-    {
+    let moving = MovingStats {
+        mean: mm,
+        variance: mv,
+        batches: 0,
+    };
+    let mut bn = match BatchNorm::new(config, moving) {
         Ok(l) => l,
         Err(e) => return r.error(K::Train, shape, e),
     };
+    let so = ScaleOffset::new(scale, offset);
+    let mut batch = Batch {
+        mean: bm,
+        variance: bv,
+    };
     let mut res = Ok(());
-    r.stack(K::Train, shape, &mut || res = bn.train(x, y, shape));
+    r.stack(K::Train, shape, &mut || {
+        res = bn.train(x, y, shape, so, &mut batch)
+    });
     if let Err(e) = res {
         return r.error(K::Train, shape, e);
     }
@@ -530,18 +556,18 @@ fn layer(
             activation: c.activation,
         }
     }
-    let check = reference::check_moments(x, shape, bn.batch_mean(), bn.batch_variance())
+    let check = reference::check_moments(x, shape, batch.mean, batch.variance)
         .and_then(|()| {
             reference::check_normalize(
                 x,
                 shape,
-                &params(bn.batch_mean(), bn.batch_variance(), scale, offset, &config),
+                &params(batch.mean, batch.variance, scale, offset, &config),
                 y,
             )
         })
         .and_then(|()| {
-            let (m, v) = (bn.batch_mean(), bn.batch_variance());
-            let (mm, mv) = (bn.moving_mean(), bn.moving_variance());
+            let (m, v) = (&*batch.mean, &*batch.variance);
+            let (mm, mv) = (&*bn.moving().mean, &*bn.moving().variance);
             check_moving(mm, mv, (0.25, 1.5), m, v, count, 1, &config)
         });
     r.check(K::Train, shape, check);
@@ -549,7 +575,7 @@ fn layer(
     z.copy_from_slice(x);
     let mut res = Ok(());
     r.stack(K::TrainInPlace, shape, &mut || {
-        res = bn.train_in_place(z, shape)
+        res = bn.train_in_place(z, shape, so, &mut batch)
     });
     match res {
         Ok(()) => r.check(
@@ -558,7 +584,7 @@ fn layer(
             reference::check_normalize(
                 x,
                 shape,
-                &params(bn.batch_mean(), bn.batch_variance(), scale, offset, &config),
+                &params(batch.mean, batch.variance, scale, offset, &config),
                 z,
             ),
         ),
@@ -566,7 +592,7 @@ fn layer(
     }
 
     let mut res = Ok(());
-    r.stack(K::Infer, shape, &mut || res = bn.infer(x, y, shape));
+    r.stack(K::Infer, shape, &mut || res = bn.infer(x, y, shape, so));
     match res {
         Ok(()) => r.check(
             K::Infer,
@@ -575,8 +601,8 @@ fn layer(
                 x,
                 shape,
                 &params(
-                    bn.moving_mean(),
-                    bn.moving_variance(),
+                    bn.moving().mean,
+                    bn.moving().variance,
                     scale,
                     offset,
                     &config,
@@ -589,11 +615,55 @@ fn layer(
     z.copy_from_slice(x);
     let mut res = Ok(());
     r.stack(K::InferInPlace, shape, &mut || {
-        res = bn.infer_in_place(z, shape)
+        res = bn.infer_in_place(z, shape, so)
     });
     match res {
         Ok(()) => r.check(K::InferInPlace, shape, same(y, z)),
         Err(e) => r.error(K::InferInPlace, shape, e),
+    }
+
+    // The backward passes, with the inference output as the incoming
+    // gradient (any values do) and `z` as `dx`.
+    let (mut ds, mut dof) = ([0.0f32; MAX_C], [0.0f32; MAX_C]);
+    let (ds, dof) = (&mut ds[..ch], &mut dof[..ch]);
+    let dy: &[f32] = y;
+    for (k, mode) in [
+        (K::Backward, Mode::Training),
+        (K::BackwardInfer, Mode::Inference),
+    ] {
+        let mut res = Ok(());
+        r.stack(k, shape, &mut || {
+            let grads = Gradients {
+                dx: &mut *z,
+                dscale: &mut *ds,
+                doffset: &mut *dof,
+            };
+            res = match mode {
+                Mode::Training => bn.backward(x, dy, shape, so, &batch, grads),
+                Mode::Inference => bn.backward_infer(x, dy, shape, so, grads),
+            };
+        });
+        let (m, v) = match mode {
+            Mode::Training => (&*batch.mean, &*batch.variance),
+            Mode::Inference => (&*bn.moving().mean, &*bn.moving().variance),
+        };
+        match res {
+            Ok(()) => r.check(
+                k,
+                shape,
+                reference::check_backward(
+                    x,
+                    dy,
+                    shape,
+                    &params(m, v, scale, offset, &config),
+                    mode,
+                    z,
+                    ds,
+                    dof,
+                ),
+            ),
+            Err(e) => r.error(k, shape, e),
+        }
     }
 }
 

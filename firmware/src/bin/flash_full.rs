@@ -3,7 +3,7 @@
 #![no_std]
 #![no_main]
 
-use batchnorm::{moments, BatchNorm, Config};
+use batchnorm::{moments, Batch, BatchNorm, Config, MovingStats, ScaleOffset};
 use batchnorm_firmware::{exit, opaque};
 use core::hint::black_box;
 use cortex_m_rt::entry;
@@ -14,11 +14,22 @@ fn main() -> ! {
     let [mm, mv, bm, bv, m, v] = o.c;
     let config = Config::keras().with_activation(o.activation);
     let mut ok = moments(o.x, o.shape, m, v).is_ok();
-    match BatchNorm::new(config, mm, mv, bm, bv) {
+    let moving = MovingStats {
+        mean: mm,
+        variance: mv,
+        batches: black_box(0),
+    };
+    let mut batch = Batch {
+        mean: bm,
+        variance: bv,
+    };
+    match BatchNorm::new(config, moving) {
         Ok(mut bn) => {
-            ok &= bn.train(o.x, o.y, o.shape).is_ok();
+            ok &= bn
+                .train(o.x, o.y, o.shape, ScaleOffset::NONE, &mut batch)
+                .is_ok();
             black_box(&o.y);
-            ok &= bn.infer(o.x, o.y, o.shape).is_ok();
+            ok &= bn.infer(o.x, o.y, o.shape, ScaleOffset::NONE).is_ok();
         }
         Err(_) => ok = false,
     }
