@@ -16,6 +16,14 @@
 //!
 //! Bad input returns an [`Error`] naming what was wrong and leaves every
 //! output untouched; no input makes a kernel panic.
+//!
+//! # Threads
+//!
+//! With the optional `rayon` feature, the module `parallel` runs moments,
+//! normalization, a training step and inference on a rayon thread pool,
+//! with results that are the same bits for every number of threads (fixed
+//! chunks, fixed merge tree). Without it the crate is `no_std` and uses no
+//! allocator; with it, only that module uses `std`.
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -27,6 +35,8 @@ mod lanes;
 mod layer;
 mod moments;
 mod normalize;
+#[cfg(feature = "rayon")]
+pub mod parallel;
 pub mod reference;
 mod shape;
 
