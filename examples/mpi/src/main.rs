@@ -310,23 +310,26 @@ fn step(
         .max()
         .unwrap_or(0);
     report.lines.push(format!(
-        "rank {rank}/{size} {tag}: shard {}x{}x{} ({} elements), sent {} bytes, \
-         global count {count}; records = one-process merge bit for bit: {}; \
-         stats vs one-process train: max {stat_ulps} ulp; y: {same_bits}/{} same bits, \
-         max |diff| / bound = {worst:.3}; moving max |diff| = {moving_diff:e}",
-        shard_shape.batch,
-        if layout == Layout::Nchw { C } else { S },
-        if layout == Layout::Nchw { S } else { C },
-        shard.len(),
+        "rank {rank}/{size} {tag}: shard {}, sent {} B, global count {count} | \
+         records == one-process merge: {} | stats vs one-process train: <= {stat_ulps} ulp | \
+         y: {:.1}% same bits, max diff/bound {worst:.3} | moving max diff {moving_diff:.1e}",
+        match layout {
+            Layout::Nchw => format!("{}x{C}x{S}", shard_shape.batch),
+            Layout::Nhwc => format!("{}x{S}x{C}", shard_shape.batch),
+        },
         send.len(),
-        to_wire(&one_global) == mine,
-        y.len(),
+        if to_wire(&one_global) == mine {
+            "bit for bit"
+        } else {
+            "NO"
+        },
+        100.0 * same_bits as f64 / y.len() as f64,
     ));
     if rank == 0 {
         let g = &global[1];
         report.lines.push(format!(
-            "  global channel 1 (1e4 + noise): count {} mean {:.6} variance {:.6} \
-             (f64 reference: mean {:.6} variance {:.6})",
+            "  rank 0 {tag}, global channel 1 (1e4 + noise): count {} mean {:.6} variance {:.6}, \
+             f64 reference: mean {:.6} variance {:.6}",
             g.count,
             g.mean,
             g.variance(Variance::Population)?,
@@ -372,12 +375,12 @@ fn main() {
     for r in 0..world.size() {
         world.barrier();
         if r == world.rank() {
-            for l in &report.lines {
-                println!("{l}");
-            }
+            // One write per rank, so ranks do not interleave mid-line.
+            let mut out = report.lines.join("\n");
             for f in &report.failures {
-                println!("rank {r} FAILED: {f}");
+                out += &format!("\nrank {r} FAILED: {f}");
             }
+            println!("{out}");
         }
     }
     world.barrier();
