@@ -13,17 +13,21 @@ One row per (layout, C, size) of the `parallel/<Layout>/C<c>` groups:
     train     BatchNorm::train GB/s, parallel::train on two threads / it
     infer     BatchNorm::infer GB/s, parallel::infer on two threads / it
 
-A speed-up is time(seq) / time(pooled), medians of criterion's estimates.
+A speed-up is time(seq) / time(pooled), from criterion's median
+estimates, or with --min from each benchmark's fastest sample (time / iters
+of `sample.json`): on a machine shared with other work, a second thread is
+often not running at all, and the fastest sample is the one least disturbed.
 With several directories (copies of the criterion directory after several
 runs) every time is the median over the runs.
 
-    python3 benches/speedup.py [DIR...] [--markdown]
+    python3 benches/speedup.py [DIR...] [--markdown] [--min]
 
 Directories default to $CARGO_TARGET_DIR/criterion or target/criterion (a
 native build's: target/native/criterion).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from statistics import median
@@ -32,12 +36,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ratios import criterion_dir, load, natural  # noqa: E402
 
 
+def load_min(root):
+    """load(), with each time the fastest sample's time per iteration."""
+    out = load(root)
+    for meta_path in sorted(root.rglob("benchmark.json")):
+        new = meta_path.parent
+        if new.name != "new":
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+            sample = json.loads((new / "sample.json").read_text())
+            ns = min(t / i for t, i in zip(sample["times"], sample["iters"]) if i > 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        key = (meta.get("group_id"), meta.get("value_str") or "")
+        func = meta.get("function_id")
+        if key in out and func in out[key]:
+            out[key][func] = (out[key][func][0], ns)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dirs", nargs="*")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--min", action="store_true", help="fastest sample, not the median")
     args = ap.parse_args()
-    runs = [load(criterion_dir(d)) for d in (args.dirs or [None])]
+    runs = [load_min(criterion_dir(d)) if args.min else load(criterion_dir(d))
+            for d in (args.dirs or [None])]
     keys = sorted(
         {k for r in runs for k in r if k[0].startswith("parallel/")},
         key=lambda k: (natural(k[0]), natural(k[1])),

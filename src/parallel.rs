@@ -27,7 +27,10 @@
 //! Normalization, given the statistics, is elementwise: the coefficients
 //! `a = scale / sqrt(var + eps)`, `b = offset - mean * a` are folded once
 //! (as [`crate::fold`] does) and each chunk runs [`crate::Simd::affine`] on
-//! its own slice of `x` and `y`.
+//! its own slice of `x` and `y`. Its chunks are split the same way but
+//! finer ([`MIN_MAP_CHUNK`] elements, any number of rows), since it has no
+//! warm-up per chunk; its output is the single-threaded kernel's, bit for
+//! bit.
 //!
 //! The results are within the DESIGN §3 bounds of the `f64` reference
 //! like the single-threaded kernels' (the merge tree is Chan's formula in
@@ -52,8 +55,8 @@
 //!
 //! ```
 //! use batchnorm::{parallel, Shape};
-//! let shape = Shape::nchw(4, 3, 1000);
-//! let x: Vec<f32> = (0..12_000).map(|i| (i % 17) as f32).collect();
+//! let shape = Shape::nchw(4, 3, 100_000);
+//! let x: Vec<f32> = (0..1_200_000).map(|i| (i % 17) as f32).collect();
 //! let (mut mean, mut var) = ([0.0f32; 3], [0.0f32; 3]);
 //! let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
 //! pool(1).install(|| parallel::moments(&x, shape, &mut mean, &mut var))?;
@@ -83,14 +86,22 @@ use crate::shape::{Layout, Shape};
 /// `MAX_CHUNKS * C` records stays far below the cost of reading the tensor.
 pub const MAX_CHUNKS: usize = 32;
 
-/// Elements a chunk should have at least (64 KiB of `f32`): below that a
-/// task's scheduling costs more than it saves.
-pub const MIN_CHUNK: usize = 16 * 1024;
+/// Elements a chunk of the statistics pass has at least (512 KiB of
+/// `f32`). Each chunk's records start afresh: its first blocks are short
+/// (one row, then threefold, see `moments`) and every block end costs about
+/// as much as reading a few dozen rows, so small chunks are slow even on
+/// one thread (NHWC C = 256 in 32 chunks of 256 rows took 1.8x the time of
+/// one pass on one core; in chunks of 4096 rows, 1.03x).
+pub const MIN_CHUNK: usize = 128 * 1024;
 
-/// Rows an NHWC chunk has at least: merging a chunk's records costs about
-/// as much per channel as reading a few dozen of its elements, so a chunk
-/// of few, wide rows would spend more time merging than reading.
-pub const MIN_ROWS: usize = 64;
+/// Rows an NHWC chunk of the statistics pass has at least (see
+/// [`MIN_CHUNK`]): two full blocks of [`crate::BLOCK_ROWS`].
+pub const MIN_ROWS: usize = 2 * crate::BLOCK_ROWS;
+
+/// Elements a chunk of normalization has at least (64 KiB of `f32`):
+/// normalization has no warm-up, so its chunks are only as large as a
+/// task's scheduling asks; they may be any number of NHWC rows.
+pub const MIN_MAP_CHUNK: usize = 16 * 1024;
 
 /// One piece of a tensor: `shape` elements from `start` of the flat slice,
 /// holding channels `first_channel ..` of batch part `part` (the index of
@@ -127,17 +138,19 @@ fn share(total: usize, k: usize, i: usize) -> usize {
 ///
 /// ```
 /// use batchnorm::{parallel, Shape};
-/// let chunks = parallel::chunks(Shape::nchw(1, 64, 4096))?;
-/// assert_eq!(chunks.len(), 16); // one image: split by channels
-/// assert!(chunks.iter().all(|c| c.shape.channels == 4 && c.part == 0));
+/// let chunks = parallel::chunks(Shape::nchw(1, 64, 16384))?;
+/// assert_eq!(chunks.len(), 8); // one image: split by channels
+/// assert!(chunks.iter().all(|c| c.shape.channels == 8 && c.part == 0));
 /// # Ok::<(), batchnorm::Error>(())
 /// ```
 pub fn chunks(shape: Shape) -> Result<Vec<Chunk>, Error> {
     shape.len()?;
-    Ok(plan(shape).chunks)
+    Ok(plan(shape, MIN_CHUNK, MIN_ROWS).chunks)
 }
 
-fn plan(shape: Shape) -> Plan {
+/// The chunks of a tensor of `shape`: about `min_chunk` elements or more
+/// each, NHWC chunks at least `min_rows` rows.
+fn plan(shape: Shape, min_chunk: usize, min_rows: usize) -> Plan {
     let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
     let len = n * s * c;
     if len == 0 {
@@ -146,12 +159,12 @@ fn plan(shape: Shape) -> Plan {
             parts: 0,
         };
     }
-    let want = (len / MIN_CHUNK).clamp(1, MAX_CHUNKS);
+    let want = (len / min_chunk).clamp(1, MAX_CHUNKS);
     let mut chunks = Vec::with_capacity(want);
     match shape.layout {
         Layout::Nhwc => {
             let rows = n * s;
-            let k = want.min(rows / MIN_ROWS).max(1);
+            let k = want.min(rows / min_rows).max(1);
             for i in 0..k {
                 let (r0, r1) = (share(rows, k, i), share(rows, k, i + 1));
                 chunks.push(Chunk {
@@ -208,7 +221,7 @@ impl Chunk {
 /// The merged per-channel records of a validated, non-empty `x`.
 fn records(simd: Simd, x: &[f32], shape: Shape) -> Result<Vec<Moments>, Error> {
     let c = shape.channels;
-    let plan = plan(shape);
+    let plan = plan(shape, MIN_CHUNK, MIN_ROWS);
     // Leaf `p` of the tree is `parts[p * c .. (p + 1) * c]`; the chunks,
     // in memory order, fill those rows in order.
     let mut parts = vec![Moments::EMPTY; plan.parts * c];
@@ -306,7 +319,7 @@ fn map_chunks(
     (a, b): (&[f32], &[f32]),
     activation: Activation,
 ) -> Result<(), Error> {
-    let plan = plan(shape);
+    let plan = plan(shape, MIN_MAP_CHUNK, 1);
     let mut jobs = Vec::with_capacity(plan.chunks.len());
     let (mut xs, mut ys) = (x, y);
     for chunk in &plan.chunks {

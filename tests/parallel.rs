@@ -26,17 +26,17 @@ fn pool(n: usize) -> rayon::ThreadPool {
 /// Shapes that split into several chunks, each way the planner splits.
 fn shapes() -> Vec<Shape> {
     vec![
-        Shape::rows(40_000, 1),    // NHWC, one channel: 32 chunks of rows
-        Shape::rows(20_000, 3),    // RGB
-        Shape::nhwc(7, 1000, 17),  // odd channel count, rows across images
-        Shape::rows(2_000, 64),    // 31 chunks of 64+ rows
-        Shape::rows(300, 1000),    // wide rows: 4 chunks of >= 64 rows
-        Shape::nchw(40, 16, 1024), // batch >= chunks
-        Shape::nchw(5, 7, 1000),   // batch < chunks: channel ranges
-        Shape::nchw(1, 1000, 65),  // one image, split by channels
-        Shape::nchw(1, 256, 256),  // one image, 16 ranges of 16 channels
-        Shape::nchw(3000, 13, 3),  // spatial below the lane width
-        Shape::nchw(2, 3, 50_000), // three channels, two images
+        Shape::rows(600_000, 1),    // NHWC, one channel: 4 chunks of rows
+        Shape::rows(200_000, 3),    // RGB
+        Shape::nhwc(7, 5000, 17),   // odd channel count, rows across images
+        Shape::rows(20_000, 64),    // 4 chunks of 5000 rows
+        Shape::rows(8_200, 100),    // wide rows: 2 chunks of >= 4096 rows
+        Shape::nchw(40, 16, 1024),  // batch >= chunks
+        Shape::nchw(2, 7, 40_000),  // batch < chunks: channel ranges
+        Shape::nchw(1, 1000, 300),  // one image, split by channels
+        Shape::nchw(1, 256, 2048),  // one image, 4 ranges of 64 channels
+        Shape::nchw(20_000, 13, 3), // spatial below the lane width
+        Shape::nchw(2, 3, 100_000), // three channels, two images
     ]
 }
 
