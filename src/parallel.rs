@@ -148,56 +148,86 @@ pub fn chunks(shape: Shape) -> Result<Vec<Chunk>, Error> {
     Ok(plan(shape, MIN_CHUNK, MIN_ROWS).chunks)
 }
 
+/// Widest lane type of any build (`f32x16`): chunks of rows start on
+/// multiples of its super-rows.
+const WIDEST: usize = 16;
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// `k` ranges splitting `0 .. total` evenly, each bound but the last
+/// rounded down to a multiple of `align`, empty ranges left out.
+fn ranges(total: usize, k: usize, align: usize) -> impl Iterator<Item = (usize, usize)> {
+    let bound = move |i: usize| {
+        if i == k {
+            total
+        } else {
+            share(total, k, i) / align * align
+        }
+    };
+    (0..k)
+        .map(move |i| (bound(i), bound(i + 1)))
+        .filter(|(a, b)| a < b)
+}
+
 /// The chunks of a tensor of `shape`: about `min_chunk` elements or more
 /// each, NHWC chunks at least `min_rows` rows.
+///
+/// Rows of periodic tensors (NHWC, and NCHW with fewer spatial positions
+/// than the widest lanes) are split on multiples of the super-row
+/// `lcm(period, 16)` that the kernels walk, so every chunk but the last is
+/// whole super-rows and no chunk has a tail of its own: each element then
+/// goes through the same lanes as in one pass over the whole tensor, which
+/// keeps normalization bit-identical to the single-threaded kernel's also
+/// where the vector lanes fuse multiply-add and the one-lane tail does not.
 fn plan(shape: Shape, min_chunk: usize, min_rows: usize) -> Plan {
     let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
     let len = n * s * c;
+    let mut chunks = Vec::new();
     if len == 0 {
-        return Plan {
-            chunks: Vec::new(),
-            parts: 0,
-        };
+        return Plan { chunks, parts: 0 };
     }
     let want = (len / min_chunk).clamp(1, MAX_CHUNKS);
-    let mut chunks = Vec::with_capacity(want);
     match shape.layout {
         Layout::Nhwc => {
             let rows = n * s;
             let k = want.min(rows / min_rows).max(1);
-            for i in 0..k {
-                let (r0, r1) = (share(rows, k, i), share(rows, k, i + 1));
+            let per = WIDEST / gcd(c, WIDEST);
+            for (part, (r0, r1)) in ranges(rows, k, per).enumerate() {
                 chunks.push(Chunk {
                     start: r0 * c,
                     shape: Shape::rows(r1 - r0, c),
                     first_channel: 0,
-                    part: i,
+                    part,
                 });
             }
-            Plan { chunks, parts: k }
         }
-        Layout::Nchw if n >= want => {
-            for i in 0..want {
-                let (b0, b1) = (share(n, want, i), share(n, want, i + 1));
+        Layout::Nchw if n >= want || s < WIDEST => {
+            let per = if s < WIDEST {
+                WIDEST / gcd(c * s, WIDEST)
+            } else {
+                1
+            };
+            for (part, (b0, b1)) in ranges(n, want.min(n), per).enumerate() {
                 chunks.push(Chunk {
                     start: b0 * c * s,
                     shape: Shape::nchw(b1 - b0, c, s),
                     first_channel: 0,
-                    part: i,
+                    part,
                 });
-            }
-            Plan {
-                chunks,
-                parts: want,
             }
         }
         Layout::Nchw => {
-            // Fewer batch elements than chunks: each batch element is a
-            // part, split into ranges of whole channels.
+            // Fewer batch elements than chunks, and runs of at least one
+            // vector: each batch element is a part, split into ranges of
+            // whole channels (each a run-by-run walk, as in one pass).
             let per = want.div_ceil(n).min(c);
             for i in 0..n {
-                for j in 0..per {
-                    let (c0, c1) = (share(c, per, j), share(c, per, j + 1));
+                for (c0, c1) in ranges(c, per, 1) {
                     chunks.push(Chunk {
                         start: (i * c + c0) * s,
                         shape: Shape::nchw(1, c1 - c0, s),
@@ -206,9 +236,10 @@ fn plan(shape: Shape, min_chunk: usize, min_rows: usize) -> Plan {
                     });
                 }
             }
-            Plan { chunks, parts: n }
         }
     }
+    let parts = chunks.last().map_or(0, |ch| ch.part + 1);
+    Plan { chunks, parts }
 }
 
 impl Chunk {
