@@ -11,9 +11,11 @@
 //!    alone: NHWC by rows (`batch * spatial` rows of `C` elements, at
 //!    least [`MIN_ROWS`] rows and about [`MIN_CHUNK`] elements each), NCHW
 //!    by batch elements, and when there are fewer batch elements than
-//!    chunks, each batch element by ranges of channels (a range of channels
-//!    of one NCHW batch element is contiguous, so it is a tensor of its
-//!    own).
+//!    chunks (and runs of at least 16 elements), each batch element by
+//!    ranges of channels (a range of channels of one NCHW batch element is
+//!    contiguous, so it is a tensor of its own). Rows of periodic tensors
+//!    are split on whole super-rows of the widest lanes, so that no chunk
+//!    but the last has a tail of its own.
 //! 2. **The existing kernels per chunk.** Each chunk's per-channel
 //!    [`Moments`] records come from [`crate::Simd::accumulate`] on that
 //!    chunk alone, so they do not depend on which thread ran it or when.
@@ -225,7 +227,7 @@ fn plan(shape: Shape, min_chunk: usize, min_rows: usize) -> Plan {
             // Fewer batch elements than chunks, and runs of at least one
             // vector: each batch element is a part, split into ranges of
             // whole channels (each a run-by-run walk, as in one pass).
-            let per = want.div_ceil(n).min(c);
+            let per = (want / n).clamp(1, c);
             for i in 0..n {
                 for (c0, c1) in ranges(c, per, 1) {
                     chunks.push(Chunk {
