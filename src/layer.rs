@@ -152,6 +152,19 @@ impl<'a> BatchNorm<'a> {
         self.moving
     }
 
+    /// The lane width, the configuration and the moving statistics, for a
+    /// training step run elsewhere in the crate (`parallel`).
+    #[cfg(feature = "rayon")]
+    pub(crate) fn parts(&mut self) -> (Simd, &Config, &mut MovingStats<'a>) {
+        (self.simd, &self.config, &mut self.moving)
+    }
+
+    /// The lane width the layer runs.
+    #[cfg(feature = "rayon")]
+    pub(crate) fn simd(&self) -> Simd {
+        self.simd
+    }
+
     /// A training step: batch moments into `batch`, `y` normalized with them
     /// (population variance), then the moving statistics updated and the
     /// batch counted, all in one call.

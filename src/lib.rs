@@ -37,6 +37,14 @@
 //! ([`GROUP_CHANNELS`], [`SEGMENT`] and the panel windows), so that every
 //! kernel stays within 4 KiB of stack for any shape on a Cortex-M4
 //! (`.ci/firmware` measures it under `qemu-system-arm`).
+//!
+//! # Threads
+//!
+//! With the optional `rayon` feature, the module `parallel` runs moments,
+//! normalization, a training step and inference on a rayon thread pool,
+//! with results that are the same bits for every number of threads (fixed
+//! chunks, fixed merge tree). Without it the crate is `no_std` and uses no
+//! allocator; with it, only that module uses `std`.
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -50,6 +58,8 @@ mod lanes;
 mod layer;
 mod moments;
 mod normalize;
+#[cfg(feature = "rayon")]
+pub mod parallel;
 pub mod reference;
 mod shape;
 
