@@ -274,7 +274,13 @@ fn fold_extremes_keep_their_bounds() {
         // `a` overflows while `mean * A` (1e15) and `b` are representable.
         (1e-30, 0.0, 1e30, 2.0, 1e-30),
         // `a` overflows, `mean * A` too, and `offset` is +inf.
-        (0.43712685, 0.17316082, f32::MAX, f32::INFINITY, f32::from_bits(1)),
+        (
+            0.43712685,
+            0.17316082,
+            f32::MAX,
+            f32::INFINITY,
+            f32::from_bits(1),
+        ),
         // `mean * a` overflows while `offset - mean * a` is representable.
         (3.0e38, 1.0, 1.1, f32::MAX, 1e-3),
         // `var + eps` overflows `f32`.
