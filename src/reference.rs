@@ -480,17 +480,17 @@ pub fn backward(
 }
 
 /// The error bound's constant on the backward pass's sums: `37 ε` of `Σ|t|`
-/// (see the `backward` module docs for the derivation).
+/// (see [`crate::backward`] for the derivation).
 pub const BACKWARD_SUM: f64 = 37.0 * f32::EPSILON as f64;
 
-/// The bounds of the backward module docs for channel `c`, given the
+/// The sum bounds of [`crate::backward`] for one channel, given the
 /// reference's quantities `k` and the sums `Σ|g|`, `Σ|g d|`: returns
 /// `(doffset bound, dscale bound)`.
 pub fn backward_sum_bounds(k: &BackwardChannel, abs_g: f64, abs_gd: f64) -> (f64, f64) {
     (BACKWARD_SUM * abs_g, BACKWARD_SUM * k.inv * abs_gd)
 }
 
-/// The bound of the backward module docs on one `dx` (before its final
+/// The bound of [`crate::backward`] on one `dx` (before its final
 /// rounding): `4 ε (|p g| + |q d| + |r|) + 37 ε |p| / count (Σ|g| + inv²
 /// |d| Σ|g d|)` in training mode, `4 ε |p g|` in inference mode.
 pub fn backward_dx_bound(
@@ -513,7 +513,7 @@ pub fn backward_dx_bound(
 }
 
 /// The oracle for [`crate::backward`]: `dx`, `dscale` and `doffset`
-/// against [`backward`] within the module's bounds (plus the final rounding
+/// against [`backward`] within the bounds documented on [`crate::backward`] (plus the final rounding
 /// to `f32` and, for results in the subnormal range, `2^-149` per rounding
 /// involved).
 ///
