@@ -214,7 +214,7 @@ def main():
     below = sum(r[3] for r in rows)
     targeted = sum(r[2] for r in rows)
     what = "medians" if len(runs) == 1 else f"per-cell medians over {len(runs)} runs of medians"
-    print(f"\n{below} of {targeted} rows with a target are below it (*: 0.9, train 0.85); "
+    print(f"\n{below} of {targeted} rows with a target are below it (*: 0.9, train and backward 0.85); "
           f"{what} from {', '.join(map(str, roots))}")
 
 

@@ -16,18 +16,6 @@
 //! batch statistics a training step returns, or the moving statistics); the
 //! backward pass does not recompute them.
 //!
-//! # Activation mask
-//!
-//! With a fused activation, `g = dy` where the forward's pre-activation
-//! output `y` was strictly inside the activation's linear range and `0`
-//! elsewhere, as PyTorch's autograd does for `relu(batch_norm(x))`: ReLU
-//! keeps `y > 0`, ReLU6 `0 < y < 6`, `Clamp { min, max }` `min < y < max`;
-//! a NaN `y` gives `0`. `y` is recomputed from `x` with the forward's own
-//! folded form `y = x * a + b` (`a = scale / sqrt(var + eps)`, `b = offset -
-//! mean * a`, rounded to `f32` as [`fold`](crate::fold) and
-//! [`normalize`](crate::normalize) round them), so the caller need not keep
-//! `y`.
-//!
 //! # Algorithm
 //!
 //! Two passes over each window of channels: the first reads `x` and `dy`
@@ -50,52 +38,8 @@
 //! strips of whole channels of at most [`WINDOW`] positions swept over the
 //! rows. Tails go through the same code with half-width lanes.
 //!
-//! # Numerical bound
-//!
-//! Against [`reference::backward`](crate::reference::backward) (exact
-//! arithmetic on the same `f32` inputs, the same mask), with `ε =
-//! f32::EPSILON`, `d = x - mean`, and the reference's per-channel `p`, `q`,
-//! `r` above, for finite data whose intermediate sums stay finite in `f32`:
-//!
-//! * `|doffset - ref| <= 37 ε Σ|g|`;
-//! * `|dscale - ref| <= 37 ε inv Σ|g d|`;
-//! * `|dx - ref| <= 4 ε (|p g| + |q d| + |r|) + 37 ε |p| / count (Σ|g| +
-//!   inv² |d| Σ|g d|)` (training; inference: `4 ε |p g|`),
-//!
-//! each plus the final rounding to `f32`
-//! ([`reference::backward_bounds`](crate::reference::backward_bounds)
-//! computes them). Derivation: a term `g` or `g d` enters an `f32` lane sum
-//! of at most 64 terms (63 roundings), then, on contiguous runs, two `f32`
-//! additions joining four accumulators and at most five reducing the lanes
-//! (`wide`'s `reduce_add`: a tree of depth 4 with AVX-512, pairs of halves
-//! summed in order elsewhere), then `f64`; with `u = ε / 2` that is at most
-//! 70 roundings of relative size `u` of partial sums bounded by `Σ|t|`, plus
-//! `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64` summation
-//! (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `72.01 u <= 37 ε` of
-//! `Σ|t|` (Higham, Accuracy and Stability, §4.2). `dscale` adds
-//! the `f64` `inv` (negligible). In `dx`, `p`, `q` and `r` are rounded to
-//! `f32` (`u` each), `fl(x - mean)`, `d * q + r` and `g * p + (..)` add a
-//! rounding each (unfused: two more): at most `7u` of `|p g| + |q d| + |r|`
-//! (`<= 4 ε`), and the sums' errors move `r` by `|p| / count` times the
-//! `doffset` error and `q` by `|p| inv / count` times the `dscale` error.
-//!
-//! # Stack
-//!
-//! One window of [`WINDOW`] positions: six `f32` coefficients per position
-//! (`a`, `b`, `mean`, `p`, `q`, `r`), two `f64` sums per channel and a
-//! position-to-channel byte, 41 bytes per position: 1.3 KiB on small-stack
-//! targets (32 positions; 4 KiB in all on a Cortex-M4, measured by CI),
-//! 10.3 KiB on 64-bit hosts (256); plus two 16-lane staging arrays and the
-//! register groups' coefficients
-//! where they spill (at most 6 x 4 vectors in pass 2: 384 bytes with
-//! 4-lane vectors, 1.5 KiB with 16). No heap.
-//!
-//! # Edge cases
-//!
-//! NaN or infinities in `x`, `dy`, or the parameters of a channel propagate
-//! into that channel's outputs only. An empty batch (`count == 0`) is
-//! [`Error::EmptyBatch`] in training mode (no statistics to differentiate);
-//! in inference mode it writes `dscale = doffset = 0` and returns `Ok`.
+//! The activation mask, the error bound, the edge cases and the stack are
+//! documented on [`backward`].
 
 use crate::error::Error;
 use crate::lanes::{with_lane, Lane, Simd, SMALL_STACK};
@@ -175,8 +119,78 @@ pub struct Gradients<'a> {
 /// `x`, the gradient `dy` of the loss with respect to the forward output,
 /// and the forward's [`Params`] (the `mean` and `variance` it normalized
 /// with, `scale`, `offset`, `epsilon`, and the fused `activation`, whose
-/// mask is applied to `dy`). See the [module docs](self) for the formulas,
-/// the mask and the error bound.
+/// mask is applied to `dy`).
+///
+/// Per channel, with `inv = 1 / sqrt(var + eps)`, `x̂ = (x - mean) * inv` and
+/// `g` the incoming gradient masked by the activation's derivative:
+/// `doffset = Σ g`, `dscale = Σ g * x̂` (both modes); [`Mode::Training`]:
+/// `dx = scale * inv / count * (count * g - doffset - x̂ * dscale)`;
+/// [`Mode::Inference`]: `dx = g * scale * inv`.
+///
+/// # Activation mask
+///
+/// With a fused activation, `g = dy` where the forward's pre-activation
+/// output `y` was strictly inside the activation's linear range and `0`
+/// elsewhere, as PyTorch's autograd does for `relu(batch_norm(x))`: ReLU
+/// keeps `y > 0`, ReLU6 `0 < y < 6`, `Clamp { min, max }` `min < y < max`;
+/// a NaN `y` gives `0`. `y` is recomputed from `x` with the forward's own
+/// folded form `y = x * a + b` (`a = scale / sqrt(var + eps)`, `b = offset -
+/// mean * a`, rounded to `f32` as [`fold`](crate::fold) and
+/// [`normalize`](crate::normalize) round them), so the caller need not keep
+/// `y`. `x * a + b` is one fused multiply-add where the target has FMA,
+/// except in the one-lane tails, which round twice (as `normalize`'s do):
+/// an element whose exact `y` is within a rounding of a bound of the band
+/// (for example `x == mean` with no offset, where `y` is 0 or the rounding
+/// error of `mean * a`) may be masked differently by different widths and
+/// builds. `reference::check_backward` accepts either for such elements.
+///
+/// # Numerical bound
+///
+/// Against [`reference::backward`](crate::reference::backward) (exact
+/// arithmetic on the same `f32` inputs, the same mask), with `ε =
+/// f32::EPSILON`, `d = x - mean`, and the reference's per-channel `p`, `q`,
+/// `r` above, for finite data whose intermediate sums stay finite in `f32`:
+///
+/// * `|doffset - ref| <= 37 ε Σ|g|`;
+/// * `|dscale - ref| <= 37 ε inv Σ|g d|`;
+/// * `|dx - ref| <= 4 ε (|p g| + |q d| + |r|) + 37 ε |p| / count (Σ|g| +
+///   inv² |d| Σ|g d|)` (training; inference: `4 ε |p g|`),
+///
+/// each plus the final rounding to `f32`
+/// ([`reference::backward_sum_bounds`](crate::reference::backward_sum_bounds)
+/// and [`reference::backward_dx_bound`](crate::reference::backward_dx_bound)
+/// compute them; [`reference::check_backward`](crate::reference::check_backward)
+/// applies them). Derivation: a term `g` or `g d` enters an `f32` lane sum
+/// of at most 64 terms (63 roundings), then, on contiguous runs, two `f32`
+/// additions joining four accumulators and at most five reducing the lanes
+/// (`wide`'s `reduce_add`: a tree of depth 4 with AVX-512, pairs of halves
+/// summed in order elsewhere), then `f64`; with `u = ε / 2` that is at most
+/// 70 roundings of relative size `u` of partial sums bounded by `Σ|t|`, plus
+/// `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64` summation
+/// (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `72.01 u <= 37 ε` of
+/// `Σ|t|` (Higham, Accuracy and Stability, §4.2). `dscale` adds
+/// the `f64` `inv` (negligible). In `dx`, `p`, `q` and `r` are rounded to
+/// `f32` (`u` each), `fl(x - mean)`, `d * q + r` and `g * p + (..)` add a
+/// rounding each (unfused: two more): at most `7u` of `|p g| + |q d| + |r|`
+/// (`<= 4 ε`), and the sums' errors move `r` by `|p| / count` times the
+/// `doffset` error and `q` by `|p| inv / count` times the `dscale` error.
+///
+/// # Edge cases
+///
+/// NaN or infinities in `x`, `dy`, or the parameters of a channel propagate
+/// into that channel's outputs only. An empty batch (`count == 0`) is
+/// [`Error::EmptyBatch`] in training mode (no statistics to differentiate);
+/// in inference mode it writes `dscale = doffset = 0` and returns `Ok`.
+///
+/// # Stack
+///
+/// One window of positions: six `f32` coefficients per position (`a`, `b`,
+/// `mean`, `p`, `q`, `r`), two `f64` sums per channel and a
+/// position-to-channel byte, 41 bytes per position: 1.3 KiB for the 32
+/// positions of a microcontroller or 32-bit build (2.8 KiB in all on a
+/// Cortex-M4, measured by CI), 10.3 KiB for the 256 of an x86-64 or
+/// aarch64 build; plus two 16-lane staging arrays and the register groups'
+/// coefficients where they spill. No heap.
 ///
 /// Errors (nothing written): a slice whose length does not match `shape`, a
 /// bad shape, a negative or non-finite `epsilon`, a bad `Clamp`, or, in
@@ -255,14 +269,14 @@ pub fn backward_in_place(
 
 impl Simd {
     /// [`backward`] with this lane width (every width runs on every machine;
-    /// the results agree within the module's bound, not bit for bit).
+    /// the results agree within the bound on [`backward`], not bit for bit).
     ///
     /// ```
     /// use batchnorm::{Activation, Gradients, Mode, Params, Shape, Simd};
     /// let x: Vec<f32> = (0..40).map(|i| (i % 7) as f32).collect();
     /// let dy: Vec<f32> = (0..40).map(|i| (i % 3) as f32 - 1.0).collect();
     /// let p = Params {
-    ///     mean: &[3.0; 4],
+    ///     mean: &[3.5; 4], // no x sits on the ReLU's kink
     ///     variance: &[4.0; 4],
     ///     scale: None,
     ///     offset: None,

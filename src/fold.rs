@@ -75,6 +75,10 @@ pub enum WeightLayout {
 /// scales `weight` in place and writes the folded bias to `bias_out`.
 /// `bias` is the layer's own bias (`None`: no bias, i.e. 0).
 ///
+/// Each result is computed in `f64` from the `f32` inputs and rounded once:
+/// `|w' - w a| <= u |w a|` and `|b' - b'_exact| <= u |b'_exact| + 2^-50
+/// (|(b - mean) a| + |offset|)` with `u = f32::EPSILON / 2`.
+///
 /// Errors (nothing written): `mean`, `variance`, `scale`, `offset`, `bias` or
 /// `bias_out` lengths that differ (zero channels included), a bad `epsilon`,
 /// or [`Error::Weights`] when `weight` does not split into `mean.len()`

@@ -1,6 +1,6 @@
 #![allow(clippy::needless_range_loop)]
 //! The backward pass against the `f64` reference (`reference::check_backward`,
-//! the bounds of the `backward` module docs): every width, both layouts,
+//! the bounds documented on `batchnorm::backward`): every width, both layouts,
 //! channel counts and lengths around the lane width, misaligned slices,
 //! ill-conditioned channels, every activation, both modes, in place; a
 //! quickcheck property; and every error with its outputs untouched.

@@ -6,7 +6,7 @@
 //!
 //! # Tolerances
 //!
-//! Ours (`fold` module docs): `|w' - w a| <= u |w a|`, `|b' - exact| <= u
+//! Ours (`fold_into_weights` docs): `|w' - w a| <= u |w a|`, `|b' - exact| <= u
 //! |exact| + 2^-50 (|(b - m) a| + |offset|)`, `u = ε / 2`. PyTorch's fuse
 //! computes in `f32`: `rsqrt(var + eps)` (a sum, a square root and a
 //! reciprocal, or one rsqrt: at most `3u` beyond the first, taken as `4u`),

@@ -6,7 +6,7 @@
 //!
 //! # Tolerance
 //!
-//! Let `B` be the bound of the `backward` module docs
+//! Let `B` be the bound documented on `batchnorm::backward`
 //! (`reference::backward_dx_bound`, `backward_sum_bounds`) evaluated at the
 //! exact statistics, and `S(dm, dv)` the most the exact gradient moves when
 //! the mean moves by `dm` and the variance by `dv` ([`sensitivity`]).
