@@ -678,19 +678,38 @@ impl Win {
     /// Before pass 1 of window channels `c0 .. c0 + cw` with `npos`
     /// positions: the mask's `a`, `b` and the mean per position, sums zeroed.
     fn start(&mut self, params: &Params<'_>, c0: usize, cw: usize, npos: usize, mask: bool) {
+        // Positions and channels of a window are within it; `get` and the
+        // iterators keep the panic paths out.
+        let Win {
+            a,
+            b,
+            m,
+            p,
+            q,
+            ch,
+            sg,
+            sgd,
+            ..
+        } = self;
         if mask {
             // Fold per channel into p, q (free until pass 2), then spread.
-            fold_span(params, c0, &mut self.p[..cw], &mut self.q[..cw]);
-        }
-        for j in 0..npos {
-            let k = self.ch[j] as usize;
-            if mask {
-                (self.a[j], self.b[j]) = (self.p[k], self.q[k]);
+            if let (Some(pc), Some(qc)) = (p.get_mut(..cw), q.get_mut(..cw)) {
+                fold_span(params, c0, pc, qc);
             }
-            self.m[j] = params.mean.get(c0 + k).copied().unwrap_or(0.0);
         }
-        self.sg[..cw].fill(0.0);
-        self.sgd[..cw].fill(0.0);
+        let positions = ch
+            .iter()
+            .zip(a.iter_mut().zip(b.iter_mut()))
+            .zip(m.iter_mut());
+        for ((&k, (a, b)), m) in positions.take(npos) {
+            let k = k as usize;
+            if mask {
+                *a = p.get(k).copied().unwrap_or(0.0);
+                *b = q.get(k).copied().unwrap_or(0.0);
+            }
+            *m = params.mean.get(c0 + k).copied().unwrap_or(0.0);
+        }
+        sg.iter_mut().chain(sgd.iter_mut()).for_each(|s| *s = 0.0);
     }
 
     /// After pass 1: writes `dscale`, `doffset` of the window's channels and
@@ -711,7 +730,8 @@ impl Win {
             let var = params.variance.get(c).copied().unwrap_or(0.0) as f64;
             let inv = 1.0 / libm::sqrt(var + params.epsilon as f64);
             let sc = params.scale.and_then(|s| s.get(c)).copied().unwrap_or(1.0) as f64;
-            let (sg, sgd) = (self.sg[k], self.sgd[k]);
+            let sg = self.sg.get(k).copied().unwrap_or(0.0);
+            let sgd = self.sgd.get(k).copied().unwrap_or(0.0);
             let dscale = sgd * inv;
             let p = sc * inv;
             let (q, r) = match mode {
@@ -727,9 +747,14 @@ impl Win {
                 (*o, *s) = (sg as f32, dscale as f32);
             }
         }
-        for j in 0..npos {
-            let (.., p, q, r) = coef(self.ch[j] as usize);
-            (self.p[j], self.q[j], self.r[j]) = (p as f32, q as f32, r as f32);
+        let coefs = self
+            .p
+            .iter_mut()
+            .zip(self.q.iter_mut())
+            .zip(self.r.iter_mut());
+        for (((p, q), r), &k) in coefs.zip(&self.ch).take(npos) {
+            let (.., pk, qk, rk) = coef(k as usize);
+            (*p, *q, *r) = (pk as f32, qk as f32, rk as f32);
         }
     }
 }

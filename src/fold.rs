@@ -142,14 +142,16 @@ pub fn fold_into_weights(
         _ => {}
     }
     // Validated: every channel index below is < o.
+    // `get` keeps the panic paths out; every index is in range.
+    let at = |s: &[f32], c: usize| s.get(c).copied().unwrap_or(0.0) as f64;
     let a = |c: usize| -> f64 {
-        let sc = params.scale.map_or(1.0, |s| s[c]) as f64;
-        sc / libm::sqrt(params.variance[c] as f64 + params.epsilon as f64)
+        let sc = params.scale.map_or(1.0, |s| at(s, c));
+        sc / libm::sqrt(at(params.variance, c) + params.epsilon as f64)
     };
     for (c, out) in bias_out.iter_mut().enumerate() {
-        let b = bias.map_or(0.0, |b| b[c]) as f64;
-        let offset = params.offset.map_or(0.0, |s| s[c]) as f64;
-        *out = ((b - params.mean[c] as f64) * a(c) + offset) as f32;
+        let b = bias.map_or(0.0, |b| at(b, c));
+        let offset = params.offset.map_or(0.0, |s| at(s, c));
+        *out = ((b - at(params.mean, c)) * a(c) + offset) as f32;
     }
     let scale = |w: &mut f32, a: f64| *w = (*w as f64 * a) as f32;
     match layout {

@@ -373,11 +373,17 @@ impl Coef<'_> {
 /// hundreds of cycles per channel).
 pub(crate) fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
     if COMPACT {
-        let (mean, var) = (&p.mean[c0..c0 + a.len()], &p.variance[c0..c0 + a.len()]);
+        // Channels `c0 .. c0 + a.len()` exist on validated input; `get`
+        // keeps the panic paths out.
+        let end = c0.saturating_add(a.len());
+        let (Some(mean), Some(var)) = (p.mean.get(c0..end), p.variance.get(c0..end)) else {
+            return;
+        };
+        let scale = p.scale.and_then(|s| s.get(c0..end));
+        let offset = p.offset.and_then(|o| o.get(c0..end));
         for (j, ((a, b), (&m, &v))) in a.iter_mut().zip(b).zip(mean.iter().zip(var)).enumerate() {
-            let c = c0 + j;
-            let scale = p.scale.map_or(1.0, |s| s[c]);
-            let offset = p.offset.map_or(0.0, |o| o[c]);
+            let scale = scale.and_then(|s| s.get(j)).copied().unwrap_or(1.0);
+            let offset = offset.and_then(|o| o.get(j)).copied().unwrap_or(0.0);
             (*a, *b) = fold_f32(m, v, scale, offset, p.epsilon);
         }
         return;
@@ -823,6 +829,19 @@ fn super_rows<V: Lane, A: Act, IO: Io, const NV: usize>(
     io.map_rows::<V, NV>(0, rows, &va, &vb, |x, a, b| act.apply(x.mul_add(a, b)));
 }
 
+/// Repeats the first `period` values of `p` over the rest of it, with
+/// iterators (an indexed copy kept a bounds check on x86-64).
+fn repeat(p: &mut [f32], period: usize) {
+    let Some((first, rest)) = p.split_at_mut_checked(period) else {
+        return;
+    };
+    for chunk in rest.chunks_mut(period.max(1)) {
+        for (d, &v) in chunk.iter_mut().zip(first.iter()) {
+            *d = v;
+        }
+    }
+}
+
 /// Periodic tensors: `rows` rows of `period` elements, position `p` of a
 /// row in channel `p / div`.
 fn periodic<V: Lane, A: Act, IO: Io>(
@@ -849,9 +868,8 @@ fn periodic<V: Lane, A: Act, IO: Io>(
         // the `min`s and `max`es below only let the compiler see it.)
         let period = period.min(lcm).max(1);
         coef.fill_positions(0, div, &mut pa[..period], &mut pb[..period]);
-        for i in period..lcm {
-            (pa[i], pb[i]) = (pa[i - period], pb[i - period]);
-        }
+        repeat(&mut pa[..lcm], period);
+        repeat(&mut pb[..lcm], period);
         let per = (lcm / period).max(1);
         let supers = rows / per;
         let (pa_, pb_) = (&pa[..lcm], &pb[..lcm]);

@@ -16,9 +16,10 @@
 #![no_main]
 
 use batchnorm::{
-    accumulate, affine, affine_in_place, fold, moments, normalize, normalize_in_place,
-    update_moving, Activation, BatchNorm, BatchNormArray, Config, Error, Layout, Moments, Momentum,
-    Params, Shape, Simd, Variance,
+    accumulate, affine, affine_in_place, backward, backward_in_place, fold, fold_into_weights,
+    moments, normalize, normalize_in_place, update_moving, Activation, Batch, BatchNorm,
+    BatchNormArray, Config, Error, Gradients, Layout, Mode, Moments, Momentum, MovingStats, Params,
+    ScaleOffset, Shape, Simd, Variance, WeightLayout,
 };
 use core::hint::black_box;
 
@@ -95,6 +96,9 @@ fn statistics(x: &[f32], mean: &mut [f32], var: &mut [f32], rec: &mut [Moments])
     let a = o(rec.first().copied().unwrap_or(Moments::EMPTY));
     let b = o(Moments::EMPTY);
     keep(a.merge(b));
+    keep(Moments::from_le_bytes(o(a.to_le_bytes())));
+    let (left, right) = rec.split_at_mut(o(2).min(rec.len()));
+    keep(Moments::merge_slice(o(left), o(&*right)));
     keep(a.mean());
     let kind = if o(true) {
         Variance::Population
@@ -163,14 +167,17 @@ fn normalization(x: &mut [f32], y: &mut [f32], c: &mut [[f32; 4]; 6]) {
 fn moving(c: &mut [[f32; 4]; 6]) {
     let [mm, mv, bm, bv, _, _] = c;
     let cfg = config();
+    let mut state = MovingStats {
+        mean: o(&mut mm[..]),
+        variance: o(&mut mv[..]),
+        batches: o(3),
+    };
     keep(update_moving(
-        o(&mut mm[..]),
-        o(&mut mv[..]),
         o(&bm[..]),
         o(&bv[..]),
         o(7),
-        o(3),
         &cfg,
+        &mut state,
     ));
     let momentum = if o(true) {
         Momentum::Decay(o(0.9))
@@ -179,43 +186,136 @@ fn moving(c: &mut [[f32; 4]; 6]) {
     };
     keep(momentum.validate());
     keep(momentum.decay(o(u64::MAX)));
+    keep(momentum.weight(o(u64::MAX)));
+}
+
+fn mode() -> Mode {
+    if o(true) {
+        Mode::Training
+    } else {
+        Mode::Inference
+    }
+}
+
+#[inline(never)]
+fn gradients(x: &mut [f32], y: &mut [f32], c: &mut [[f32; 4]; 6]) {
+    let [m, v, s, b, ds, db] = c;
+    let params = o(Params {
+        mean: o(&m[..]),
+        variance: o(&v[..]),
+        scale: o(Some(&s[..])),
+        offset: o(Some(&b[..])),
+        epsilon: o(1e-5),
+        activation: activation(),
+    });
+    let grads = Gradients {
+        dx: o(&mut *y),
+        dscale: o(&mut ds[..]),
+        doffset: o(&mut db[..]),
+    };
+    keep(backward(o(&*x), o(&*x), shape(), &params, mode(), grads));
+    keep(backward_in_place(
+        o(&*x),
+        o(&mut *y),
+        shape(),
+        &params,
+        mode(),
+        o(&mut ds[..]),
+        o(&mut db[..]),
+    ));
+    let simd = o(Simd::default());
+    let grads = Gradients {
+        dx: o(&mut *y),
+        dscale: o(&mut ds[..]),
+        doffset: o(&mut db[..]),
+    };
+    keep(simd.backward(o(&*x), o(&*x), shape(), &params, mode(), grads));
+    keep(simd.backward_in_place(
+        o(&*x),
+        o(&mut *y),
+        shape(),
+        &params,
+        mode(),
+        o(&mut ds[..]),
+        o(&mut db[..]),
+    ));
+    let layout = match o(3u8) {
+        0 => WeightLayout::OutFirst,
+        1 => WeightLayout::OutSecond {
+            groups: o(2),
+            kernel: o(3),
+        },
+        2 => WeightLayout::OutLast,
+        _ => WeightLayout::Hwim { multiplier: o(2) },
+    };
+    let bias = if o(true) { Some(&b[..]) } else { None };
+    let params = Params {
+        scale: o(None),
+        offset: o(None),
+        ..params
+    };
+    keep(fold_into_weights(
+        o(&mut *x),
+        o(bias),
+        layout,
+        &params,
+        o(&mut ds[..]),
+    ));
 }
 
 #[inline(never)]
 fn layer(x: &mut [f32], y: &mut [f32], c: &mut [[f32; 4]; 6]) -> Result<(), Error> {
     let [mm, mv, bm, bv, s, b] = c;
-    let bn = BatchNorm::new(
-        config(),
-        o(&mut mm[..]),
-        o(&mut mv[..]),
-        o(&mut bm[..]),
-        o(&mut bv[..]),
-    )?;
-    let mut bn = bn
-        .with_scale(o(&s[..]))?
-        .with_offset(o(&b[..]))?
-        .with_simd(o(Simd::X8));
+    let state = MovingStats {
+        mean: o(&mut mm[..]),
+        variance: o(&mut mv[..]),
+        batches: o(0),
+    };
+    let mut bn = BatchNorm::new(config(), state)?.with_simd(o(Simd::X8));
+    let so = o(ScaleOffset::new(o(&s[..]), o(&b[..])));
+    let mut batch = Batch {
+        mean: o(&mut bm[..]),
+        variance: o(&mut bv[..]),
+    };
     keep(bn.channels());
     keep(bn.config());
-    keep(bn.batches());
-    keep(bn.train(o(x), o(&mut *y), shape()));
-    keep(bn.train_in_place(o(&mut *y), shape()));
-    keep(bn.infer(o(x), o(&mut *y), shape()));
-    keep(bn.infer_in_place(o(&mut *y), shape()));
-    keep(bn.moving_mean());
-    keep(bn.moving_variance());
-    keep(bn.batch_mean());
-    keep(bn.batch_variance());
+    keep(bn.moving().batches);
+    keep(bn.train(o(x), o(&mut *y), shape(), so, &mut batch));
+    keep(bn.train_in_place(o(&mut *y), shape(), so, &mut batch));
+    keep(bn.infer(o(x), o(&mut *y), shape(), so));
+    keep(bn.infer_in_place(o(&mut *y), shape(), so));
+    let (mut ds, mut db) = ([0.0f32; 4], [0.0f32; 4]);
+    let grads = Gradients {
+        dx: o(&mut *y),
+        dscale: o(&mut ds[..]),
+        doffset: o(&mut db[..]),
+    };
+    keep(bn.backward(o(x), o(x), shape(), so, &batch, grads));
+    let grads = Gradients {
+        dx: o(&mut *y),
+        dscale: o(&mut ds[..]),
+        doffset: o(&mut db[..]),
+    };
+    keep(bn.backward_infer(o(x), o(x), shape(), o(ScaleOffset::NONE), grads));
+    keep(bn.into_moving().batches);
     Ok(())
 }
 
 #[inline(never)]
 fn layer_array(x: &mut [f32], y: &mut [f32]) {
-    let mut l = o(BatchNormArray::<4>::new(config()));
+    let l = BatchNormArray::<4>::from_state(config(), o([0.5; 4]), o([2.0; 4]), o(9));
+    let mut l = o(l.with_params(o([1.0; 4]), o([0.0; 4])));
     keep(l.train(o(x), o(&mut *y), shape()));
     keep(l.train_in_place(o(&mut *y), shape()));
     keep(l.infer(o(x), o(&mut *y), shape()));
     keep(l.infer_in_place(o(&mut *y), shape()));
+    let (mut ds, mut db) = ([0.0f32; 4], [0.0f32; 4]);
+    let grads = Gradients {
+        dx: o(&mut *y),
+        dscale: o(&mut ds[..]),
+        doffset: o(&mut db[..]),
+    };
+    keep(l.backward(o(x), o(x), shape(), grads));
     keep(&l);
 }
 
@@ -255,6 +355,7 @@ fn run() -> Option<()> {
     );
     normalization(x, y, &mut c);
     moving(&mut c);
+    gradients(x, y, &mut c);
     keep(layer(x, y, &mut c));
     layer_array(x, y);
     #[cfg(feature = "fmt")]
