@@ -1,10 +1,10 @@
 //! The fuzz targets as ordinary tests: every committed seed of
-//! `fuzz/corpus/<target>/seed-*` and a few hand-written byte strings go
-//! through the same check functions the fuzzers run (`fuzz/src/checks.rs`,
+//! `tests/fuzz/corpus/<target>/seed-*` and a few hand-written byte strings go
+//! through the same check functions the fuzzers run (`tests/fuzz/checks.rs`,
 //! included here so that the fuzz crate is not a dependency), so `cargo test`
 //! on stable exercises every target. Each finding of the fuzzers has a named
 //! test below.
-#[path = "../fuzz/src/checks.rs"]
+#[path = "fuzz/checks.rs"]
 mod checks;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,7 +24,7 @@ const TARGETS: [(&str, Check); 6] = [
 /// The committed seeds of one target, sorted by name.
 fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("tests/fuzz/corpus")
         .join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -301,13 +301,13 @@ fn finding_accumulate_constant_run_fuzz_input() {
     checks::check_accumulate(&BUG_ACCUMULATE_CONSTANT);
 }
 
-// Oracle findings, fixed in `fuzz/src/checks.rs` (the DESIGN does not
+// Oracle findings, fixed in `tests/fuzz/checks.rs` (the DESIGN does not
 // promise what the first oracle asked); each input stays as a seed and a
 // test so that the oracle keeps accepting it.
 
 fn seed(target: &str, name: &str) -> Vec<u8> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("tests/fuzz/corpus")
         .join(target)
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))

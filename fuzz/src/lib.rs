@@ -4,6 +4,6 @@
 //! and `f32` data, runs the kernels and panics on any violated property. The
 //! same file is compiled into the main crate's `tests/fuzz_regression.rs`, so
 //! the committed corpus runs under `cargo test` on stable too.
-#[path = "checks.rs"]
+#[path = "../../tests/fuzz/checks.rs"]
 mod checks;
 pub use checks::*;
