@@ -1,4 +1,4 @@
-//! `moments` beside the read roofline (DESIGN §4: `moments >= 0.9 *
+//! `moments` beside the read roofline (crate docs §4: `moments >= 0.9 *
 //! roofline` on a `-C target-cpu=native` build), both layouts,
 //! C in {3, 16, 64, 256, 1000}, L2- to DRAM-sized inputs.
 //!
@@ -36,7 +36,7 @@
 //! * sizes <= 1 MiB only: `reference_f64`, the crate's scalar `f64`
 //!   two-pass oracle, and `naive_welford`, a per-element Welford update in
 //!   `f32` per channel (one division and a dependent update per element),
-//!   written here: what DESIGN §4 says cannot reach the roofline.
+//!   written here: what crate docs §4 says cannot reach the roofline.
 //!
 //! Throughput is `Throughput::Bytes` of the input. Every input starts at
 //! `&buf[1..]`, one `f32` into its allocation, so no load is aligned (as in

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Kernel / roofline ratios from criterion's output (DESIGN §4).
+"""Kernel / roofline ratios from criterion's output (crate docs §4).
 
 Reads what `cargo bench` left on disk, measures nothing. For every
 benchmark, criterion 0.8 writes `<group>/<function>/<parameter>/new/` with

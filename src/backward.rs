@@ -1,4 +1,4 @@
-//! The backward pass of batch normalization (DESIGN §1, Backward): the
+//! The backward pass of batch normalization (crate docs §1, Backward): the
 //! gradients `dx`, `dscale` and `doffset` of a loss given its gradient `dy`
 //! with respect to the forward output.
 //!
@@ -61,7 +61,7 @@ pub(crate) const WINDOW: usize = if SMALL_STACK { 32 } else { 256 };
 const DX_ROWS: usize = 16;
 
 /// Terms an `f32` lane sum takes before it is moved to `f64`.
-pub const INNER: usize = 64;
+pub(crate) const INNER: usize = 64;
 
 /// Which statistics the forward pass normalized with.
 ///

@@ -1,5 +1,5 @@
 //! Folding inference-mode batch normalization into the weights and bias of
-//! the dense or convolution layer before it (DESIGN §1, Folding for
+//! the dense or convolution layer before it (crate docs §1, Folding for
 //! inference), as PyTorch's `fuse_conv_bn_weights` /
 //! `fuse_linear_bn_weights`, the TensorFlow Lite converter and ONNX
 //! Runtime's optimizer do: with `a[o] = scale[o] / sqrt(var[o] + eps)`,

@@ -15,7 +15,7 @@
 //!
 //! `mul_add` is a fused multiply-add (one rounding) where the target has FMA
 //! (`+fma` on x86, always on aarch64) and a multiply then an add (two
-//! roundings) elsewhere; the error bounds in DESIGN §3 allow for both.
+//! roundings) elsewhere; the error bounds in crate docs §3 allow for both.
 
 use wide::{f32x16, f32x4, f32x8};
 

@@ -76,7 +76,7 @@
 //! # Domain
 //!
 //! For finite inputs with `|x| <= 1e17` every intermediate is finite and the
-//! DESIGN §3 bounds hold. A NaN or infinity in a channel makes that channel's
+//! crate docs §3 bounds hold. A NaN or infinity in a channel makes that channel's
 //! variance NaN and its mean NaN or infinite; no other channel is affected.
 
 use crate::error::Error;
@@ -87,7 +87,7 @@ use crate::Variance;
 /// Rows per block once warmed up: `f32` block sums of this many rows keep a
 /// relative rounding error near `sqrt(BLOCK_ROWS) * f32::EPSILON`, and the
 /// per-block `f64` merge costs under 2% of the block's vector work.
-pub const BLOCK_ROWS: usize = 2048;
+pub(crate) const BLOCK_ROWS: usize = 2048;
 
 /// Smallest block on the contiguous-run (NCHW) path after a channel's first.
 /// A channel's first block is its first piece, shifted by its first element
@@ -110,7 +110,7 @@ const INNER_ROWS: usize = 64;
 /// element (their records and block sums are on the stack, 52 bytes per
 /// channel): 128 on x86-64 and aarch64, 32 on every other target
 /// (microcontrollers and 32-bit targets).
-pub const GROUP_CHANNELS: usize = if SMALL_STACK { 32 } else { 128 };
+pub(crate) const GROUP_CHANNELS: usize = if SMALL_STACK { 32 } else { 128 };
 
 /// Largest `SLOTS` of any lane type.
 const MAX_SLOTS: usize = 8;
@@ -202,7 +202,7 @@ impl Acc {
 /// The fields are `f64` because the record is an interchange format: an
 /// `f32` `m2` overflows on in-domain data (40,000 values of ±1e17 have
 /// `m2 ≈ 4e38`), and a chain of merges through `f32` fields loses the
-/// DESIGN §3 bounds once `|mean|` is far beyond `1e4 σ`. A record built by
+/// crate docs §3 bounds once `|mean|` is far beyond `1e4 σ`. A record built by
 /// [`accumulate`] holds exactly the `f64` state the kernel keeps, so streamed
 /// and tree-merged records give the moments of one pass.
 ///

@@ -9,7 +9,7 @@
 //! The coefficients are computed in `f64` and rounded once, so `a` and `b`
 //! are within half an ulp of exact and the only other rounding is the
 //! kernel's own `x * a + b` (one rounding with FMA, two without): well inside
-//! DESIGN §3's `4 ε (|x a| + |mean a| + |offset|)`. A
+//! crate docs §3's `4 ε (|x a| + |mean a| + |offset|)`. A
 //! [compact](crate#compact-builds) build computes them in `f32` (software
 //! `f64` is large and slow on a microcontroller), which stays inside the
 //! same bound (the proof is at `fold_f32`).
@@ -46,7 +46,7 @@ use wide::f64x4;
 /// Largest number of positions whose coefficients sit in a stack pattern:
 /// 1024 on x86-64 and aarch64, 256 on every other target (microcontrollers
 /// and 32-bit targets, where two patterns must fit a few KiB of stack).
-pub const SEGMENT: usize = if SMALL_STACK { 256 } else { 1024 };
+pub(crate) const SEGMENT: usize = if SMALL_STACK { 256 } else { 1024 };
 
 /// Channels whose coefficients are folded at a time while they are spread
 /// over the positions of NCHW rows with fewer spatial positions than lanes.
@@ -405,7 +405,7 @@ pub(crate) fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32])
 /// operation correctly rounded (`libm::sqrtf` included):
 /// `a = scale / sqrt(var + eps)`, `b = offset - mean * a`.
 ///
-/// # Why this still meets DESIGN §3
+/// # Why this still meets crate docs §3
 ///
 /// With `u = ε / 2` the unit roundoff, `a = A (1 + α)` where `A` is the exact
 /// coefficient: the sum `var + eps` (two non-negative terms in practice; a
@@ -417,7 +417,7 @@ pub(crate) fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32])
 /// `|b - B| <= 4.5 u |mean A| + u |offset|`. The kernel then computes
 /// `x * a + b` with at most two roundings, `u |x a|` and `u |y|`, so
 /// `|y - Y| <= 4.5 u |x A| + 5.5 u |mean A| + 2 u |offset|`, i.e.
-/// `2.25 ε |x A| + 2.75 ε |mean A| + ε |offset|`: within DESIGN §3's
+/// `2.25 ε |x A| + 2.75 ε |mean A| + ε |offset|`: within crate docs §3's
 /// `4 ε (|x a| + |mean a| + |offset|)`, with more than `ε` of room in every
 /// term for the second-order products. The activations are clamps, which
 /// never increase an error. `reference::check_fold` holds a compact build's

@@ -34,7 +34,7 @@
 //! warm-up per chunk; its output is the single-threaded kernel's, bit for
 //! bit.
 //!
-//! The results are within the DESIGN §3 bounds of the `f64` reference
+//! The results are within the crate docs' §3 bounds of the `f64` reference
 //! like the single-threaded kernels' (the merge tree is Chan's formula in
 //! `f64` over records that are each within the bounds), but they are not
 //! bit-identical to the single-threaded [`crate::moments`]: that walks the

@@ -51,17 +51,17 @@ pub fn moments(x: &[f32], shape: Shape, mean: &mut [f64], variance: &mut [f64]) 
 }
 
 /// Largest input magnitude for which the kernels promise finite results and
-/// the DESIGN §3 bounds; beyond it `(x - shift)²` summed over a block may
+/// the crate docs' §3 bounds; beyond it `(x - shift)²` summed over a block may
 /// overflow `f32` (TensorFlow's `E[x²]` overflows near `1.8e19`).
 pub const MAX_MAGNITUDE: f32 = 1.0e17;
 
-/// Bound on the mean error: `1e-6 * (|mean_ref| + σ_ref)` (DESIGN §3).
+/// Bound on the mean error: `1e-6 * (|mean_ref| + σ_ref)` (crate docs §3).
 pub fn mean_bound(mean_ref: f64, var_ref: f64) -> f64 {
     1e-6 * (mean_ref.abs() + libm::sqrt(var_ref))
 }
 
 /// Bound on the variance's relative error: `1e-5` when the channel is well
-/// conditioned (`|mean| <= 10 σ`), `1e-3` otherwise (DESIGN §3 promises it
+/// conditioned (`|mean| <= 10 σ`), `1e-3` otherwise (crate docs §3 promises it
 /// up to `|mean| <= 1e4 σ`; one `moments` or `accumulate` call keeps it
 /// beyond, and [`check_moments`] holds them to it, but a chain of merged
 /// `f32` `Moments` records only keeps it inside that range).
@@ -172,7 +172,7 @@ pub fn channel_domain(x: &[f32], shape: Shape, c: usize) -> Domain {
 
 /// The oracle for the moments kernels: checks the per-channel `mean` and
 /// population `variance` a kernel produced for `x` against the two-pass
-/// reference and the DESIGN §3 bounds.
+/// reference and the crate docs' §3 bounds.
 ///
 /// A channel holding a NaN or an infinity must come out with a NaN variance
 /// and a mean that is NaN or infinite; a channel beyond [`MAX_MAGNITUDE`] is
@@ -301,7 +301,7 @@ pub fn activate(activation: crate::Activation, y: f64) -> f64 {
 }
 
 /// `activation((x - mean) / sqrt(var + eps) * scale + offset)` for every
-/// element, in `f64`, in the folded form DESIGN §1 defines. Panics on
+/// element, in `f64`, in the folded form crate docs §1 defines. Panics on
 /// lengths that do not match.
 pub fn normalize(x: &[f32], shape: Shape, params: &crate::Params<'_>, y: &mut [f64]) {
     for c in 0..shape.channels {
@@ -325,7 +325,7 @@ fn channel_fold(p: &crate::Params<'_>, c: usize) -> (f64, f64) {
     )
 }
 
-/// The DESIGN §3 bound on one normalized element:
+/// The crate docs' §3 bound on one normalized element:
 /// `4 ε (|x a| + |mean a| + |offset|)`.
 pub fn normalize_bound(x: f32, mean: f32, a: f64, offset: f32) -> f64 {
     4.0 * f32::EPSILON as f64
@@ -489,7 +489,7 @@ pub fn backward_channel(
     }
 }
 
-/// The backward pass in `f64` (DESIGN §1): per channel `doffset = Σ g`,
+/// The backward pass in `f64` (crate docs §1): per channel `doffset = Σ g`,
 /// `dscale = Σ g x̂` with `x̂ = (x - mean) inv`, and `dx = scale inv / count
 /// (count g - doffset - x̂ dscale)` in training mode, `dx = g scale inv` in
 /// inference mode; `g` is `dy` masked by the activation's derivative at

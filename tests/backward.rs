@@ -607,7 +607,7 @@ fn qc_backward_matches_naive() {
         .quickcheck(prop as fn(QcCase) -> bool);
 }
 
-/// The reference's training-mode `dx` is the DESIGN formula, and its
+/// The reference's training-mode `dx` is the crate docs' formula, and its
 /// inference `dx` the chain rule through a constant affine map: checked
 /// against central finite differences of `L = Σ y dy` in `f64`.
 #[test]

@@ -19,7 +19,7 @@
 //! `f32` weights is within `u Σ|w a x| + u |b'| + 2^-50 (..)` of the exact
 //! `bn(conv(x))`. The framework's `y` is an `f32` convolution of `K` terms
 //! (any order: `γ_K (Σ|w x| + |b|)`, `γ_K <= 1.01 K u`), then its batch
-//! norm in the folded form (DESIGN §3's `4 ε (|z a| + |m a| + |offset|)`
+//! norm in the folded form (crate docs §3's `4 ε (|z a| + |m a| + |offset|)`
 //! for `z = conv(x)`). Tolerance: the sum of the two.
 
 use batchnorm::{fold_into_weights, Activation, Error, Params, WeightLayout};

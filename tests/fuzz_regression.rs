@@ -150,7 +150,7 @@ fn bad_input_every_path() {
 // --- Findings -------------------------------------------------------------
 //
 // Library bug, fixed in 8d38644 (`INNER_ROWS`: at most 256 rows per lane in
-// one f32 sum): the moments kernels missed DESIGN §3's 1e-5 relative bound
+// one f32 sum): the moments kernels missed crate docs §3's 1e-5 relative bound
 // on the variance of well-conditioned channels, and its mean bound. Within a
 // block (up to BLOCK_ROWS = 2048 rows) each lane summed `s = Σ(x - K)` and
 // `q = Σ(x - K)²` in one f32 accumulator; when the data take few distinct
@@ -180,7 +180,7 @@ const BUG_MOMENTS_OUTLIER: [u8; 26] = [
 /// NHWC 3185 x 1 x 3, channel 0 is 1e6 then 3184 values 1e-17: the running
 /// mean (313.97) becomes the shift and every `x - K` in the long blocks is
 /// the same value, whose f32 sum drifts; mean 313.99082, want 313.97174
-/// (1.06x the DESIGN bound `1e-6 (|mean| + σ)`).
+/// (1.06x the crate docs' bound `1e-6 (|mean| + σ)`).
 const BUG_MOMENTS_MEAN: [u8; 24] = [
     0, 0, 0, 2, 0, 6, 0x70, 0x0c, 0, 4, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20,
 ];
@@ -301,7 +301,7 @@ fn finding_accumulate_constant_run_fuzz_input() {
     checks::check_accumulate(&BUG_ACCUMULATE_CONSTANT);
 }
 
-// Oracle findings, fixed in `tests/fuzz/checks.rs` (the DESIGN does not
+// Oracle findings, fixed in `tests/fuzz/checks.rs` (the crate docs do not
 // promise what the first oracle asked); each input stays as a seed and a
 // test so that the oracle keeps accepting it.
 
@@ -357,7 +357,7 @@ fn oracle_nan_records() {
 }
 
 /// Chunked records of 27 values `1e-3 ± 1e-9` (`|mean| = 1.2e6 σ`, beyond
-/// DESIGN §3's 1e4 σ): the f32 record mean costs 1.5e-3 of the variance.
+/// crate docs §3's 1e4 σ): the f32 record mean costs 1.5e-3 of the variance.
 #[test]
 fn oracle_record_mean_beyond_1e4_sigma() {
     checks::check_accumulate(&seed("accumulate", "seed-finding-record-1e6-sigma"));

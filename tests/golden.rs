@@ -5,7 +5,7 @@
 //! conventions).
 //!
 //! Every case runs with every [`Simd`] width. Every tolerance is derived from
-//! DESIGN §3 (the bounds `reference::{mean_bound, variance_rel_bound,
+//! crate docs §3 (the bounds `reference::{mean_bound, variance_rel_bound,
 //! normalize_bound}` implement), never fitted to the data; each derivation
 //! sits next to its check. `cargo test --test golden -- --nocapture` prints
 //! the largest error/bound ratio of every comparison and the ill-conditioned
@@ -17,7 +17,7 @@ use batchnorm::{
 };
 use serde_json::Value;
 
-/// `f32::EPSILON`, the `ε` of DESIGN §3.
+/// `f32::EPSILON`, the `ε` of crate docs §3.
 const EPS: f64 = f32::EPSILON as f64;
 /// Unit roundoff of `f32` (half an ulp at 1, relative).
 const U: f64 = EPS / 2.0;
@@ -214,13 +214,13 @@ fn each_element(shape: Shape, mut f: impl FnMut(usize, usize)) {
 // ---------------------------------------------------------------------------
 // Bounds shared by the framework comparisons
 
-/// DESIGN §3 mean bound on a batch mean, plus the rounding of the exact mean
+/// crate docs §3 mean bound on a batch mean, plus the rounding of the exact mean
 /// to `f32` (what `reference::check_moments` allows).
 fn mean_tol(m: f64, v: f64) -> f64 {
     reference::mean_bound(m, v) + half_ulp(m)
 }
 
-/// DESIGN §3 variance bound on a batch variance, plus the final rounding.
+/// crate docs §3 variance bound on a batch variance, plus the final rounding.
 fn var_tol(m: f64, v: f64) -> f64 {
     reference::variance_rel_bound(m, v) * v + half_ulp(v)
 }
@@ -276,7 +276,7 @@ fn perturbed_tolerance(
 /// `y = x * a + (offset - mean * a)` (TensorFlow's `tf.nn.batch_normalization`
 /// and ONNX Runtime's CPU kernel both fold, see their sources).
 ///
-/// Ours is within DESIGN §3's `4 ε (|x a| + |mean a| + |offset|)` of the
+/// Ours is within crate docs §3's `4 ε (|x a| + |mean a| + |offset|)` of the
 /// exact value (checked separately against the reference). The framework
 /// computes `a` in `f32` (`var + eps`, a square root, an inverse, a product
 /// with `scale`), then `mean * a`, `offset - mean * a`, `x * a` and the sum,
@@ -389,7 +389,7 @@ fn moments_match_tensorflow_and_f64_truth() {
         let tf_var = case.f64s("variance");
         if !tf_is_f64 {
             // TensorFlow's float32 moments against the same bounds, inside
-            // the domain DESIGN §3 promises (|mean| <= 1e4 σ): the premise of
+            // the domain crate docs §3 promises (|mean| <= 1e4 σ): the premise of
             // the Keras tolerance below (Keras 3 takes its batch statistics
             // from tf.nn.moments).
             for c in 0..ch {

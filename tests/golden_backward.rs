@@ -16,7 +16,7 @@
 //!   of the exact gradient; in inference mode the statistics are the case's
 //!   inputs (`S = 0`).
 //! * The framework's: its gradient is an `f32` evaluation of the same
-//!   formula from its own batch statistics, which DESIGN §3 bounds
+//!   formula from its own batch statistics, which crate docs §3 bounds
 //!   (`|dm| <= 1e-6 (|m| + σ)`, `|dv| <= 1e-5 v`; the frameworks' moments
 //!   are held to §3 by `tests/golden.rs`); its sums run over `count <= 64`
 //!   terms, fewer roundings than the 70 our bound allows for, and each

@@ -1,4 +1,4 @@
-//! Index arithmetic at the edges (DESIGN §2: every shape that passes
+//! Index arithmetic at the edges (crate docs §2: every shape that passes
 //! validation works on every target, 32-bit `usize` included): 2^21 NHWC
 //! channels, window splits around the window length, and super-rows whose
 //! `lcm(period, lanes)` is large. Run on x86-64 and on i686 (CI).

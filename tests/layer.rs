@@ -224,7 +224,7 @@ fn constant_channel_normalizes_to_offset_then_activation() {
     assert_eq!(bn.batch_variance[0], 0.0);
     // `offset` up to the folded form's rounding: a = 1/sqrt(eps) and
     // b = offset - mean * a are each rounded once, so y = x * a + b lands
-    // within the DESIGN §3 bound of it (exactly on it without FMA, a few
+    // within the crate docs' §3 bound of it (exactly on it without FMA, a few
     // ulps off with FMA).
     let a = 1.0 / (1e-3f64).sqrt();
     let bound = batchnorm::reference::normalize_bound(7.25, 7.25, a, 2.5);

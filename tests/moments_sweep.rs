@@ -197,7 +197,7 @@ fn every_channel_count_the_issue_names() {
 
 #[test]
 fn ten_million_elements_per_channel() {
-    // DESIGN §3 holds "for count up to 1e7": one well-conditioned and one
+    // crate docs §3 holds "for count up to 1e7": one well-conditioned and one
     // ill-conditioned (1e4 + N(0, 1)) channel of 1e7 elements, on the
     // build's own width and on the scalar fallback.
     let mut rng = Rng::new(7);

@@ -256,7 +256,7 @@ fn activations_match_the_scalar_definition_on_special_values() {
 /// intermediates (`normalize::fold_f32`): each case is held to
 /// `reference::check_fold` (bit for bit on x86 and aarch64, the `f32`
 /// fold's proven bounds in a compact build, `--cfg batchnorm_compact`) and
-/// the normalization of a few values to DESIGN §3.
+/// the normalization of a few values to crate docs §3.
 #[test]
 fn fold_extremes_keep_their_bounds() {
     // (mean, variance, scale, offset, epsilon)
@@ -303,7 +303,7 @@ fn fold_extremes_keep_their_bounds() {
         if let Err(e) = reference::check_fold(&p, &a, &b) {
             panic!("case {ci} {t:?}: {e}");
         }
-        // Normalizing a few values of that channel: DESIGN §3 (not `x =
+        // Normalizing a few values of that channel: crate docs §3 (not `x =
         // mean` when `a` is subnormal: `x a` then carries `|x| 2^-150` of
         // absolute error with any fold, the fuzz oracle's underflow term).
         let x = [0.0, 1.0, -3.5, 2.0];

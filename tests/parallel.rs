@@ -2,7 +2,7 @@
 //! 3 and 8 threads, on shapes that split into several chunks in every way
 //! the planner splits (NHWC rows, NCHW batch elements, NCHW channel ranges
 //! of single images, NCHW with fewer spatial positions than lanes), and the
-//! results within DESIGN §3 of the `f64` reference.
+//! results within crate docs §3 of the `f64` reference.
 #![cfg(feature = "rayon")]
 
 mod common;

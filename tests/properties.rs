@@ -55,7 +55,7 @@ fn records(simd: Simd, x: &[f32], shape: Shape) -> Vec<Moments> {
     r
 }
 
-/// The record's mean and variance within the DESIGN §3 bounds of the
+/// The record's mean and variance within the crate docs' §3 bounds of the
 /// reference `(mean, var)`, plus half an ulp of each for the `f32` result a
 /// caller takes from them. Records keep `f64` state, so merged records are
 /// held to the bounds on the whole domain.

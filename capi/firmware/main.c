@@ -13,7 +13,7 @@
  *
  * Every result is checked against f64 oracles (two-pass moments, fold,
  * normalization, moving update, backward, fold into weights) within the
- * DESIGN section 3 bounds that tests/golden.rs and capi/tests/test.c use
+ * crate docs §3 bounds that tests/golden.rs and capi/tests/test.c use
  * (the backward bounds of src/backward.rs's docs, as
  * reference::check_backward applies them; the fold into weights exactly). The stack of each call is
  * measured by painting it first. PASS or FAIL goes out through

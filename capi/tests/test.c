@@ -7,7 +7,7 @@
  *      -lm -lpthread -ldl -o target/capi/test && target/capi/test
  *
  * (.ci/capi does this.) Every tolerance is the one tests/golden.rs derives
- * from DESIGN section 3, ported as written there (mean_tol, var_tol,
+ * from crate docs §3, ported as written there (mean_tol, var_tol,
  * normalize_bound, framework_tolerance, stats_sensitivity,
  * perturbed_tolerance and the moving-statistics bounds); see that file
  * for each derivation. The f64 oracles (two-pass moments, fold,
@@ -55,7 +55,7 @@ struct layer_case {
 
 #define N_ELEMS(a) (sizeof(a) / sizeof((a)[0]))
 
-static const double EPS = FLT_EPSILON; /* the epsilon of DESIGN section 3 */
+static const double EPS = FLT_EPSILON; /* the epsilon of crate docs §3 */
 static const double U = FLT_EPSILON / 2;
 /* Ulps of TensorFlow's (and PyTorch's) `a` beyond correct rounding. */
 static const double A_ULPS = 1.0;

@@ -1,7 +1,7 @@
 //! The Cortex-M4F test image: every public kernel on fixed inputs (both
 //! layouts, channel counts 1 to 1000, shapes that need the largest
 //! windows), each result checked on the device against the `f64`
-//! reference (`batchnorm::reference`, DESIGN §3 bounds), the stack painted
+//! reference (`batchnorm::reference`, crate docs §3 bounds), the stack painted
 //! around every call. Prints `PASS`/`FAIL` per kernel and a stack table
 //! through semihosting, then exits with the status (SYS_EXIT).
 #![no_std]

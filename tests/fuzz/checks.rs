@@ -3,7 +3,7 @@
 //! includes this file with `#[path]`). Depends on `batchnorm` and `std` only.
 //!
 //! Every check panics on a violated property. The oracle is
-//! `batchnorm::reference` (the f64 two-pass reference and its DESIGN §3
+//! `batchnorm::reference` (the f64 two-pass reference and its crate docs §3
 //! bounds); NaN, infinities and signs are compared by class before any
 //! magnitude (`reference::compare`).
 //!
@@ -467,7 +467,7 @@ fn half_ulp(r: f64) -> f64 {
 // The oracle, with gradual underflow
 //
 // `reference::check_moments` and `reference::check_normalize` hold the
-// kernels to the DESIGN §3 bounds, which are relative (the standard model
+// kernels to the crate docs' §3 bounds, which are relative (the standard model
 // `fl(z) = z (1 + δ)`, `|δ| <= ε/2`). In the subnormal range an f32
 // rounding has an absolute error instead, up to `2^-150` (half the spacing
 // `2^-149` of subnormals): no f32 kernel can meet a purely relative bound
@@ -496,7 +496,7 @@ pub fn moments_oracle(
 }
 
 /// [`moments_oracle`] with `extra(mean_ref, var_ref)` added to the variance
-/// bound (the record merges' allowance beyond DESIGN §3's range).
+/// bound (the record merges' allowance beyond crate docs §3's range).
 pub fn moments_oracle_with(
     x: &[f32],
     shape: Shape,
@@ -749,7 +749,7 @@ pub fn check_accumulate(data: &[u8]) {
     }
 }
 
-/// Records against the reference: the DESIGN §3 bounds (`moments_oracle`)
+/// Records against the reference: the crate docs' §3 bounds (`moments_oracle`)
 /// on the mean and population variance, and the same relative bound on the
 /// sample variance.
 ///
@@ -896,7 +896,7 @@ pub fn check_normalize(data: &[u8]) {
 }
 
 /// `y = act(x a + b)` with given `a`, `b` against f64: with the coefficients
-/// exact, the DESIGN §3 normalize bound reads `4 ε (|x a| + |b|)`
+/// exact, the crate docs' §3 normalize bound reads `4 ε (|x a| + |b|)`
 /// (`|b| <= |mean a| + |offset|`). Elements where `|x a| + |b|` reaches
 /// `f32::MAX / 2` are not checked (as in `reference::check_normalize`).
 fn check_affine(

@@ -20,7 +20,7 @@
 //!   the merged bytes), and they equal, bit for bit, a single process
 //!   computing every shard's records and merging them in the same order;
 //! * its output equals a single-process `BatchNorm::train` on the
-//!   concatenated batch within the DESIGN §3 bounds: both batch statistics
+//!   concatenated batch within the crate docs' §3 bounds: both batch statistics
 //!   within the moments bounds of the `f64` reference, each output within
 //!   the normalize bound of its statistics, and the two outputs apart by
 //!   no more than those bounds and the statistics' difference carry;
