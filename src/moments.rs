@@ -54,9 +54,9 @@
 //!
 //! # Stack
 //!
-//! Runs use one window of channel slots: for at most [`GROUP_CHANNELS`] = 128 channels, an
-//! `f64` record (24 bytes), a shift (4) and the block's `f64` sums and count
-//! (24), 6.5 KiB in all. A panel walk uses one [`Window`]: per position,
+//! Runs use one window of channel slots: for at most [`GROUP_CHANNELS`] =
+//! 128 channels, an `f64` record (24 bytes), a shift (4) and the block's
+//! `f64` sums and count (24), 56 bytes with padding, 7 KiB in all. A panel walk uses one [`Window`]: per position,
 //! `f32` block sums and a shift (12 bytes) and an `f64` mean and `m2` (16
 //! bytes), for 160 positions (4.4 KiB) when `lcm(P, lanes) <= 128` (C = 1,
 //! 2, 3, 4, 7, 8, 16, 32, 64 and 128 on every width, for example), else for

@@ -97,8 +97,8 @@ pub const MAX_CHUNKS: usize = 32;
 pub const MIN_CHUNK: usize = 128 * 1024;
 
 /// Rows an NHWC chunk of the statistics pass has at least (see
-/// [`MIN_CHUNK`]): two full blocks of [`crate::BLOCK_ROWS`].
-pub const MIN_ROWS: usize = 2 * crate::BLOCK_ROWS;
+/// [`MIN_CHUNK`]): two full blocks of the moments kernel (2 x 2048 rows).
+pub const MIN_ROWS: usize = 2 * crate::moments::BLOCK_ROWS;
 
 /// Elements a chunk of normalization has at least (64 KiB of `f32`):
 /// normalization has no warm-up, so its chunks are only as large as a
