@@ -800,6 +800,35 @@ fn check_records(
 // ---------------------------------------------------------------------------
 // normalize / affine
 
+/// Per-channel statistics for the normalize and backward checks: the
+/// batch's own (rounded reference moments) when `param_mode & 1 == 0` and
+/// the batch is not empty, else arbitrary values from the generator; with
+/// `param_mode & 8`, arbitrary variances (signs and specials included).
+fn decode_statistics(
+    param_mode: u8,
+    x: &[f32],
+    shape: Shape,
+    gen: &mut Gen,
+) -> (Vec<f32>, Vec<f32>) {
+    let c = shape.channels;
+    let (mean, mut var) = if param_mode & 1 == 0 && shape.batch * shape.spatial > 0 {
+        let (mut m, mut v) = (vec![0.0f64; c], vec![0.0f64; c]);
+        reference::moments(x, shape, &mut m, &mut v);
+        (
+            m.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
+            v.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
+        )
+    } else {
+        let m = gen.params(c);
+        let v = gen.params(c).iter().map(|v| v.abs()).collect();
+        (m, v)
+    };
+    if param_mode & 8 != 0 {
+        var = gen.params(c);
+    }
+    (mean, var)
+}
+
 /// `normalize`, `normalize_in_place`, `fold` + `affine`/`affine_in_place`
 /// (bit for bit the same as `normalize`), and `affine` with arbitrary
 /// coefficients, for every activation, against the reference.
@@ -813,27 +842,8 @@ pub fn check_normalize(data: &[u8]) {
     let activation = decode_activation(&mut inp, gen.rng());
     let mut x = gen.tensor(shape);
     let c = shape.channels;
-    let count = shape.batch * shape.spatial;
 
-    // Statistics: the batch's own (rounded reference moments), or arbitrary
-    // values from the generator (negative variances and specials included).
-    let (mean, var) = if param_mode & 1 == 0 && count > 0 {
-        let (mut m, mut v) = (vec![0.0f64; c], vec![0.0f64; c]);
-        reference::moments(&x, shape, &mut m, &mut v);
-        (
-            m.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-            v.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-        )
-    } else {
-        let m = gen.params(c);
-        let v = gen.params(c).iter().map(|v| v.abs()).collect();
-        (m, v)
-    };
-    let mut var = var;
-    if param_mode & 8 != 0 {
-        // Arbitrary variances, signs and specials included.
-        var = gen.params(c);
-    }
+    let (mean, var) = decode_statistics(param_mode, &x, shape, &mut gen);
     let scale_v = gen.params(c);
     let offset_v = gen.params(c);
     let scale = (param_mode & 2 != 0).then_some(&scale_v[..]);
@@ -1287,22 +1297,7 @@ pub fn check_backward(data: &[u8]) {
     let mut dy = gen.tensor(shape);
     let c = shape.channels;
     let count = shape.batch * shape.spatial;
-    let (mean, var) = if param_mode & 1 == 0 && count > 0 {
-        let (mut m, mut v) = (vec![0.0f64; c], vec![0.0f64; c]);
-        reference::moments(&x, shape, &mut m, &mut v);
-        (
-            m.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-            v.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-        )
-    } else {
-        let m = gen.params(c);
-        let v = gen.params(c).iter().map(|v| v.abs()).collect();
-        (m, v)
-    };
-    let mut var = var;
-    if param_mode & 8 != 0 {
-        var = gen.params(c);
-    }
+    let (mean, var) = decode_statistics(param_mode, &x, shape, &mut gen);
     let scale_v = gen.params(c);
     let offset_v = gen.params(c);
     let scale = (param_mode & 2 != 0).then_some(&scale_v[..]);
