@@ -6,7 +6,7 @@
 //! adds the two rooflines' times into the limit. Both layouts, C in {3, 16,
 //! 64, 256, 1000}, 256 KiB / 8 MiB / 64 MiB of `x` (see `common::sizes`).
 //!
-//! `cargo bench --bench backward`; ratios: `python3 benches/ratios.py`.
+//! `cargo bench -p batchnorm-benches --bench backward`; ratios: `python3 benches/ratios.py`.
 mod common;
 
 use batchnorm::{Activation, Gradients, Layout, Mode, Params};

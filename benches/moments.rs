@@ -2,10 +2,10 @@
 //! roofline` on a `-C target-cpu=native` build), both layouts,
 //! C in {3, 16, 64, 256, 1000}, L2- to DRAM-sized inputs.
 //!
-//! `cargo bench --bench moments`; ratios: `python3 benches/ratios.py`
+//! `cargo bench -p batchnorm-benches --bench moments`; ratios: `python3 benches/ratios.py`
 //! (add `--filter moments/`). One group per layout and channel count,
 //! `moments/<Layout>/C<c>`, with the tensor size as the parameter; filter
-//! as usual, e.g. `cargo bench --bench moments -- 'moments/Nchw/C64/.*/8MiB'`.
+//! as usual, e.g. `cargo bench -p batchnorm-benches --bench moments -- 'moments/Nchw/C64/.*/8MiB'`.
 //!
 //! # Sizes
 //!

@@ -4,7 +4,7 @@
 //! C >= 256 also `bound_affine`, the structural bound of `common`: `x * a[c]
 //! + b[c]` with both coefficients loaded for every vector.
 //!
-//! `cargo bench --bench normalize`; ratios: `python3 benches/ratios.py`.
+//! `cargo bench -p batchnorm-benches --bench normalize`; ratios: `python3 benches/ratios.py`.
 mod common;
 
 use batchnorm::{Activation, Layout, Params};

@@ -5,7 +5,7 @@
 //! two threads (each thread summing or mapping half of the bytes), which
 //! show what the memory system gives a second core.
 //!
-//! `cargo bench --features rayon --bench parallel`; speed-ups:
+//! `cargo bench -p batchnorm-benches --features rayon --bench parallel`; speed-ups:
 //! `python3 benches/speedup.py`. One group per layout and channel count,
 //! `parallel/<Layout>/C<c>`, functions:
 //!

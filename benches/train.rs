@@ -6,7 +6,7 @@
 //! and `bound_affine` are measured too; `ratios.py` adds them up (with a
 //! roofline for the pass that has none) into the training step's bound.
 //!
-//! `cargo bench --bench train`; ratios: `python3 benches/ratios.py`.
+//! `cargo bench -p batchnorm-benches --bench train`; ratios: `python3 benches/ratios.py`.
 mod common;
 
 use batchnorm::{Batch, BatchNorm, Config, Layout, MovingStats, ScaleOffset};
