@@ -244,10 +244,24 @@ wide_lane!(f32x16, 16, WIDE_SLOTS, f32x8);
 ///
 /// [`Simd::detect`] picks the widest type the build runs natively (this is a
 /// compile-time choice: `wide` selects instructions from the target features
-/// the crate is compiled with). On x86 and aarch64 the other widths stay
-/// compiled in, so that tests, fuzzers and benchmarks can run every code path
-/// on every machine. A [compact](crate#compact-builds) build compiles one
-/// width only, and every `Simd` value runs it.
+/// the crate is compiled with). Only widths the build runs in native
+/// registers are compiled: `Scalar` and `X4` on x86, x86-64 and aarch64,
+/// `X8` with `avx`, `X16` with `avx512f`; a width that is not compiled runs
+/// the widest compiled one below it ([`Simd::effective`]). The `all-widths`
+/// feature compiles every width (two or four 4-lane registers where the
+/// target has no wider ones), so that tests, fuzzers and benchmarks can run
+/// every code path on every machine. A [compact](crate#compact-builds)
+/// build compiles one width only, and every `Simd` value runs it.
+///
+/// ```
+/// use batchnorm::Simd;
+///
+/// // The width the free functions use, and it is always compiled.
+/// let simd = Simd::detect();
+/// assert_eq!(simd.effective(), simd);
+/// // Forcing a width: `Simd::X16.moments(..)` runs `Simd::X16.effective()`.
+/// assert!(Simd::X16.effective().lanes() <= 16);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Simd {
@@ -282,8 +296,24 @@ impl Simd {
         }
     }
 
-    /// Number of `f32` lanes this width names (a compact build runs every
-    /// width with one).
+    /// The width that runs when `self` is asked for: `self` when it is
+    /// compiled into this build, else the widest compiled width below it
+    /// (`Scalar` for every width in a compact build; `X4` for `X8` and `X16`
+    /// in a default x86-64 build without the `all-widths` feature).
+    pub const fn effective(self) -> Simd {
+        if COMPACT {
+            return Simd::Scalar;
+        }
+        match self {
+            Simd::Scalar => Simd::Scalar,
+            Simd::X16 if HAS_X16 => Simd::X16,
+            Simd::X8 | Simd::X16 if HAS_X8 => Simd::X8,
+            _ => Simd::X4,
+        }
+    }
+
+    /// Number of `f32` lanes this width names (see [`Simd::effective`] for
+    /// the width that runs).
     pub const fn lanes(self) -> usize {
         match self {
             Simd::Scalar => 1,
@@ -320,6 +350,12 @@ pub(crate) const COMPACT: bool = cfg!(any(
     )
 ));
 
+/// Whether `f32x8` kernels are compiled (outside a compact build): where
+/// the target runs them in one register (`avx`), or every width is asked for.
+const HAS_X8: bool = cfg!(any(feature = "all-widths", target_feature = "avx"));
+/// Whether `f32x16` kernels are compiled (outside a compact build).
+const HAS_X16: bool = cfg!(any(feature = "all-widths", target_feature = "avx512f"));
+
 /// Whether stack-resident windows are small (moments' panel windows and
 /// run groups, normalization's coefficient segments): on every target but
 /// x86-64 and aarch64 (microcontrollers and 32-bit targets, whose thread
@@ -331,7 +367,8 @@ pub(crate) const SMALL_STACK: bool = cfg!(any(
     not(any(target_arch = "x86_64", target_arch = "aarch64"))
 ));
 
-/// Calls `$body` with the type alias `$V` bound to the lane type of `$simd`.
+/// Calls `$body` with the type alias `$V` bound to the lane type of
+/// `$simd.effective()`.
 #[cfg(not(any(
     batchnorm_compact,
     all(
@@ -341,21 +378,26 @@ pub(crate) const SMALL_STACK: bool = cfg!(any(
 )))]
 macro_rules! with_lane {
     ($simd:expr, $V:ident => $body:expr) => {
-        match $simd {
+        // Only the widths `Simd::effective` can return get an arm (the same
+        // conditions as `HAS_X8` and `HAS_X16`), so the others are never
+        // instantiated.
+        match $crate::lanes::Simd::effective($simd) {
             $crate::lanes::Simd::Scalar => {
                 type $V = f32;
                 $body
             }
-            $crate::lanes::Simd::X4 => {
-                type $V = wide::f32x4;
-                $body
-            }
+            #[cfg(any(feature = "all-widths", target_feature = "avx"))]
             $crate::lanes::Simd::X8 => {
                 type $V = wide::f32x8;
                 $body
             }
+            #[cfg(any(feature = "all-widths", target_feature = "avx512f"))]
             $crate::lanes::Simd::X16 => {
                 type $V = wide::f32x16;
+                $body
+            }
+            _ => {
+                type $V = wide::f32x4;
                 $body
             }
         }

@@ -167,6 +167,12 @@
 //! `Simd::X4` is native); `--cfg batchnorm_compact` makes any build compact
 //! (CI tests the compact code on the host with it).
 //!
+//! On x86, x86-64 and aarch64 a build compiles the widths it runs in
+//! native registers: `Scalar` and `X4`, plus `X8` with `avx` and `X16`
+//! with `avx512f` ([`Simd::effective`] says which width a forced [`Simd`]
+//! runs); `all-widths` compiles the emulated ones too, which is how the
+//! test suite runs every code path on any machine.
+//!
 //! On every target but x86-64 and aarch64 (i686 included) the
 //! stack-resident windows are small, so that every kernel stays within
 //! 4 KiB of stack for any shape; on x86-64 and aarch64 they are larger

@@ -424,8 +424,8 @@ pub fn accumulate(x: &[f32], shape: Shape, into: &mut [Moments]) -> Result<(), E
 
 impl Simd {
     /// [`moments`] with this lane width (every width works on every
-    /// machine; widths the build does not run natively are emulated by
-    /// `wide`).
+    /// machine: a width the build does not compile runs
+    /// [`Simd::effective`]).
     pub fn moments(
         self,
         x: &[f32],
