@@ -18,9 +18,11 @@ pub enum Error {
         /// Number of channels.
         channels: usize,
     },
-    /// A slice does not have the length the shape asks for.
+    /// A slice does not have the length the shape asks for, or (`what ==
+    /// "shape.channels"`) a layer is given a shape with another number of
+    /// channels than it has.
     Length {
-        /// Which argument (`"x"`, `"y"`, `"mean"`, ...).
+        /// Which argument (`"x"`, `"y"`, `"mean"`, ..., `"shape.channels"`).
         what: &'static str,
         /// The length the shape implies.
         expected: usize,
@@ -68,6 +70,14 @@ impl fmt::Display for Error {
                 what,
                 expected,
                 actual,
+            } if what == LAYER_CHANNELS => write!(
+                f,
+                "`{what}` is {actual}, the layer has {expected} channels"
+            ),
+            Error::Length {
+                what,
+                expected,
+                actual,
             } => write!(
                 f,
                 "`{what}` has length {actual}, the shape needs {expected}"
@@ -93,6 +103,10 @@ impl fmt::Display for Error {
 impl core::error::Error for Error {}
 
 /// `Err(Error::Length)` unless `actual == expected`.
+/// `what` of an [`Error::Length`] that compares a shape's channel count
+/// with a layer's.
+pub(crate) const LAYER_CHANNELS: &str = "shape.channels";
+
 pub(crate) fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), Error> {
     if actual == expected {
         Ok(())

@@ -14,7 +14,7 @@
 
 use crate::backward::{Gradients, Mode};
 use crate::ema::{self, Config, MovingStats};
-use crate::error::{check_len, Error};
+use crate::error::{check_len, Error, LAYER_CHANNELS};
 use crate::lanes::Simd;
 use crate::moments;
 use crate::normalize::{self, InPlace, Params, Split};
@@ -277,11 +277,7 @@ impl<'a> BatchNorm<'a> {
     /// Validates `x` and the parameters against `shape` and the layer.
     fn check(&self, x: usize, shape: Shape, params: ScaleOffset<'_>) -> Result<(), Error> {
         shape.check("x", x)?;
-        check_len(
-            "shape.channels (the layer's)",
-            shape.channels,
-            self.channels(),
-        )?;
+        check_len(LAYER_CHANNELS, shape.channels, self.channels())?;
         if let Some(s) = params.scale {
             check_len("scale", s.len(), self.channels())?;
         }
@@ -464,7 +460,7 @@ impl<const C: usize> BatchNormArray<C> {
         }
         self.config.validate()?;
         shape.check("x", x)?;
-        check_len("shape.channels (the layer's)", shape.channels, C)?;
+        check_len(LAYER_CHANNELS, shape.channels, C)?;
         let so = ScaleOffset::new(&self.scale, &self.offset);
         Ok(so.params(&self.moving_mean, &self.moving_variance, &self.config))
     }

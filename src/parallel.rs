@@ -76,7 +76,7 @@ use std::vec::Vec;
 use rayon::prelude::*;
 
 use crate::ema;
-use crate::error::{check_epsilon, check_len, Error};
+use crate::error::{check_epsilon, check_len, Error, LAYER_CHANNELS};
 use crate::lanes::Simd;
 use crate::layer::{Batch, BatchNorm, ScaleOffset};
 use crate::moments::Moments;
@@ -446,11 +446,7 @@ fn check_layer(
 ) -> Result<(), Error> {
     shape.check("x", x)?;
     shape.check("y", y)?;
-    check_len(
-        "shape.channels (the layer's)",
-        shape.channels,
-        bn.channels(),
-    )?;
+    check_len(LAYER_CHANNELS, shape.channels, bn.channels())?;
     if let Some(s) = so.scale {
         check_len("scale", s.len(), bn.channels())?;
     }

@@ -513,6 +513,28 @@ fn errors_display_expected_and_actual() {
     assert!(e.to_string().contains("empty"));
 }
 
+/// Issue 16: a shape with another channel count than the layer's read as if
+/// the shape needed the layer's count ("has length 2, the shape needs 4").
+#[test]
+fn wrong_channel_count_names_the_layer() {
+    let (mut mean, mut var) = ([0.0f32; 4], [1.0f32; 4]);
+    let moving = MovingStats {
+        mean: &mut mean,
+        variance: &mut var,
+        batches: 0,
+    };
+    let bn = BatchNorm::new(Config::keras(), moving).unwrap();
+    let shape = Shape::nhwc(1, 3, 2);
+    let x = [0.5f32; 6];
+    let mut y = [7.0f32; 6];
+    let e = bn.infer(&x, &mut y, shape, ScaleOffset::NONE).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "`shape.channels` is 2, the layer has 4 channels"
+    );
+    assert_eq!(y, [7.0; 6]);
+}
+
 /// Issue 12: 40,000 alternating ±1e17 values (inside the §3 domain) made an
 /// `f32` record's `m2` infinite while `moments()` gave a variance of 1e34.
 #[test]
