@@ -6,6 +6,17 @@ use crate::normalize::Activation;
 use crate::Variance;
 
 /// How the moving statistics follow the batch statistics.
+///
+/// ```
+/// use batchnorm::Momentum;
+///
+/// // Keras' momentum 0.99 (PyTorch's momentum 0.1 is `Decay(0.9)`).
+/// let keras = Momentum::Decay(0.99);
+/// assert_eq!((keras.decay(7), keras.weight(7)), (0.99, 1.0 - 0.99));
+/// // PyTorch's `momentum=None`: the 4th batch gets weight 1/4.
+/// assert_eq!(Momentum::Cumulative.weight(4), 0.25);
+/// assert!(Momentum::Decay(1.5).validate().is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Momentum {
     /// `moving = moving * d + batch * (1 - d)` with decay `d` in `[0, 1]`
@@ -59,6 +70,20 @@ impl Momentum {
 }
 
 /// Everything a batch-normalization layer needs besides its tensors.
+///
+/// Start from the preset of the framework whose numbers you need to match
+/// (the crate docs' table lists what each one sets), then change a field:
+///
+/// ```
+/// use batchnorm::{Activation, Config, Momentum, Variance};
+///
+/// let c = Config::pytorch_momentum(None).with_activation(Activation::Relu);
+/// assert_eq!(c.momentum, Momentum::Cumulative);
+/// assert_eq!((c.epsilon, c.moving_variance), (1e-5, Variance::Sample));
+/// assert!(c.validate().is_ok());
+/// // Every call rejects a config like this one with `Error::Epsilon`.
+/// assert!(Config::keras().with_epsilon(0.0).validate().is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
     /// Added to the variance under the square root.

@@ -4,6 +4,18 @@ use core::fmt;
 
 /// Why a kernel refused its input. Nothing is written to any output or state
 /// when a function returns an error.
+///
+/// ```
+/// use batchnorm::{moments, Error, Shape};
+///
+/// let x = [1.0f32; 6];
+/// let (mut mean, mut var) = ([9.0f32; 3], [9.0f32; 3]);
+/// // Two channels asked of a three-channel `mean`:
+/// let e = moments(&x, Shape::nhwc(1, 3, 2), &mut mean, &mut var).unwrap_err();
+/// assert_eq!(e, Error::Length { what: "mean", expected: 2, actual: 3 });
+/// assert_eq!(e.to_string(), "`mean` has length 3, the shape needs 2");
+/// assert_eq!(mean, [9.0; 3]); // untouched
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Error {

@@ -240,6 +240,32 @@ impl<'a> BatchNorm<'a> {
     ///
     /// Errors (nothing written): lengths that do not match `shape` or the
     /// layer's channels, or an empty batch.
+    ///
+    /// ```
+    /// use batchnorm::{Batch, BatchNorm, Config, Gradients, MovingStats, ScaleOffset, Shape};
+    ///
+    /// let shape = Shape::rows(4, 1);
+    /// let (mut mm, mut mv) = ([0.0f32], [1.0f32]);
+    /// let moving = MovingStats { mean: &mut mm, variance: &mut mv, batches: 0 };
+    /// let mut bn = BatchNorm::new(Config::pytorch(), moving)?;
+    /// let (gamma, beta) = ([1.0f32], [0.0f32]);
+    /// let so = ScaleOffset::new(&gamma, &beta);
+    /// let (mut bm, mut bv) = ([0.0f32], [0.0f32]);
+    /// let mut batch = Batch { mean: &mut bm, variance: &mut bv };
+    /// let x = [1.0f32, 2.0, 3.0, 4.0];
+    /// let mut y = [0.0f32; 4];
+    /// bn.train(&x, &mut y, shape, so, &mut batch)?;
+    ///
+    /// // The loss is sum(y): dy = 1 everywhere.
+    /// let dy = [1.0f32; 4];
+    /// let (mut dx, mut dgamma, mut dbeta) = ([0.0f32; 4], [0.0f32], [0.0f32]);
+    /// let grads = Gradients { dx: &mut dx, dscale: &mut dgamma, doffset: &mut dbeta };
+    /// bn.backward(&x, &dy, shape, so, &batch, grads)?;
+    /// assert_eq!(dbeta, [4.0]); // sum of dy
+    /// assert!(dgamma[0].abs() < 1e-5); // sum of dy * x̂, and x̂ sums to 0
+    /// assert!(dx.iter().all(|d| d.abs() < 1e-5)); // sum(y) does not depend on x
+    /// # Ok::<(), batchnorm::Error>(())
+    /// ```
     pub fn backward(
         &self,
         x: &[f32],

@@ -303,7 +303,16 @@ impl Moments {
         Ok(Acc::from(*self).variance(kind))
     }
 
-    /// The record as 24 little-endian bytes: `count`, `mean`, `m2`.
+    /// The record as 24 little-endian bytes: `count`, `mean`, `m2` (the
+    /// same on every target, to send between workers).
+    ///
+    /// ```
+    /// use batchnorm::Moments;
+    /// let r = Moments { count: 3, mean: 2.0, m2: 8.0 };
+    /// let bytes = r.to_le_bytes();
+    /// assert_eq!(bytes[..8], 3u64.to_le_bytes());
+    /// assert_eq!(Moments::from_le_bytes(bytes), r);
+    /// ```
     pub fn to_le_bytes(&self) -> [u8; 24] {
         let words = [
             self.count.to_le_bytes(),
@@ -418,6 +427,19 @@ pub fn moments(
 /// Errors (nothing written): a slice length that does not match `shape`, zero
 /// channels, an overflowing shape, or [`Error::CountOverflow`] when a
 /// record's count would pass `u64::MAX`.
+///
+/// ```
+/// use batchnorm::{accumulate, Moments, Shape, Variance};
+///
+/// // One channel streamed in two chunks: {1, 2, 3} then {4, 5}.
+/// let mut rec = [Moments::EMPTY];
+/// accumulate(&[1.0, 2.0, 3.0], Shape::rows(3, 1), &mut rec)?;
+/// accumulate(&[4.0, 5.0], Shape::rows(2, 1), &mut rec)?;
+/// assert_eq!(rec[0].count, 5);
+/// assert_eq!(rec[0].mean()?, 3.0);
+/// assert_eq!(rec[0].variance(Variance::Population)?, 2.0);
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
 pub fn accumulate(x: &[f32], shape: Shape, into: &mut [Moments]) -> Result<(), Error> {
     Simd::detect().accumulate(x, shape, into)
 }

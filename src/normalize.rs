@@ -56,6 +56,17 @@ const CHUNK: usize = if SMALL_STACK { 32 } else { 64 };
 ///
 /// NaN inputs stay NaN through every activation (the comparisons are
 /// false), so a poisoned channel stays visibly poisoned.
+///
+/// ```
+/// use batchnorm::Activation;
+///
+/// assert_eq!(Activation::Relu6.apply(7.5), 6.0);
+/// assert_eq!(Activation::Relu.apply(-2.0), 0.0);
+/// assert!(Activation::Relu.apply(f32::NAN).is_nan());
+/// let bounded = Activation::Clamp { min: -1.0, max: 1.0 };
+/// assert_eq!(bounded.apply(-3.0), -1.0);
+/// assert!(Activation::Clamp { min: 1.0, max: -1.0 }.validate().is_err());
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Activation {
     /// `y`.
@@ -514,6 +525,28 @@ fn fold4(p: &Params<'_>, c: usize, a: &mut [f32], b: &mut [f32]) {
 /// them: per-channel `mean` and `variance`, optional `scale` (1 when absent)
 /// and `offset` (0 when absent), `epsilon` inside the square root, and a
 /// fused activation.
+///
+/// ```
+/// use batchnorm::{normalize, Activation, Params, Shape};
+///
+/// // Two channels, channels last: rows of (c0, c1).
+/// let x = [1.0f32, 10.0, 3.0, 30.0];
+/// let mut y = [0.0f32; 4];
+/// let p = Params {
+///     mean: &[2.0, 20.0],
+///     variance: &[1.0, 100.0],
+///     scale: Some(&[2.0, 1.0]),
+///     offset: None,
+///     epsilon: 1e-6,
+///     activation: Activation::Relu,
+/// };
+/// normalize(&x, &mut y, Shape::rows(2, 2), &p)?;
+/// // (x - mean) / sqrt(var + eps) * scale, then ReLU.
+/// for (got, want) in y.iter().zip([0.0, 0.0, 2.0, 1.0]) {
+///     assert!((got - want).abs() < 1e-5, "{got} {want}");
+/// }
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct Params<'a> {
     /// Per-channel mean.
@@ -551,6 +584,25 @@ impl Params<'_> {
 ///
 /// Errors (nothing written): a slice whose length differs from `mean`'s,
 /// zero channels, or an `epsilon` that is not finite and positive.
+///
+/// Fold once, then run inference on many tensors with [`affine`]:
+///
+/// ```
+/// use batchnorm::{affine, fold, Activation, Shape};
+///
+/// let (mean, var) = ([2.0f32, -1.0], [4.0f32, 0.25]);
+/// let (mut a, mut b) = ([0.0f32; 2], [0.0f32; 2]);
+/// fold(&mean, &var, None, Some(&[0.5, 0.0]), 1e-5, &mut a, &mut b)?;
+/// // a = 1 / sqrt(var + eps), b = offset - mean * a
+/// assert!((a[0] - 0.5).abs() < 1e-5 && (b[0] - (0.5 - 1.0)).abs() < 1e-5);
+///
+/// let shape = Shape::nchw(1, 2, 3); // batch 1, 2 channels, 3 positions
+/// let x = [2.0f32, 4.0, 0.0, -1.0, -0.5, -1.5];
+/// let mut y = [0.0f32; 6];
+/// affine(&x, &mut y, shape, &a, &b, Activation::None)?;
+/// assert!((y[1] - 1.5).abs() < 1e-4 && (y[4] - 1.0).abs() < 1e-4);
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
 pub fn fold(
     mean: &[f32],
     variance: &[f32],

@@ -17,6 +17,24 @@ pub enum Layout {
 ///
 /// `spatial` is the product of all spatial dimensions (1 for a dense layer).
 /// Every channel has `count = batch * spatial` elements.
+///
+/// The constructors take their sizes in memory order, outermost first, as
+/// the frameworks write the tensor's dimensions: `nhwc(batch, spatial,
+/// channels)` for `[N, H, W, C]`, `nchw(batch, channels, spatial)` for
+/// `[N, C, H, W]`.
+///
+/// ```
+/// use batchnorm::{Layout, Shape};
+///
+/// // A PyTorch `[8, 16, 5, 5]` activation and a Keras `[8, 5, 5, 16]` one.
+/// let torch = Shape::nchw(8, 16, 5 * 5);
+/// let keras = Shape::nhwc(8, 5 * 5, 16);
+/// assert_eq!((torch.channels, keras.channels), (16, 16));
+/// assert_eq!(torch.len()?, keras.len()?);
+/// assert_eq!(torch.count()?, 200); // elements per channel
+/// assert_eq!(Shape::rows(32, 10).layout, Layout::Nhwc); // a dense layer's input
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
     /// Memory layout.
