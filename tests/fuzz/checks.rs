@@ -2009,7 +2009,7 @@ pub fn check_bad_input(data: &[u8]) {
                     };
                     lx = n * s * c2;
                     ly = lx;
-                    Box::new(length_err("shape.channels (the layer's)", c, c2))
+                    Box::new(length_err("shape.channels", c, c2))
                 }
                 3 => {
                     let (b, e) = bad_shape(&mut inp, layout, c);
