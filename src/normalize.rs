@@ -110,7 +110,7 @@ impl Activation {
 }
 
 /// The activation, resolved once per call so the inner loop has no branch.
-trait Act: Copy {
+pub(crate) trait Act: Copy {
     fn apply<V: Lane>(self, y: V) -> V;
 }
 
@@ -148,8 +148,20 @@ impl Act for Band {
 /// lie inside the tensor on every call; each is taken with `get`, so that
 /// no panic path exists (a range outside would be left unwritten).
 pub(crate) trait Io {
-    /// `y = f(x)` with the same coefficients everywhere.
-    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V);
+    /// NCHW runs: in every batch element (`item` elements), the `pa.len()`
+    /// runs of `s` elements from element `first` on, run `j` as
+    /// `act(x * pa[j] + pb[j])`. The elements and runs are split off once
+    /// with `chunks_exact`, and each run goes through [`splat_run`] as a
+    /// slice, so a short run pays no range checks of its own.
+    fn map_runs<V: Lane, A: Act>(
+        &mut self,
+        item: usize,
+        first: usize,
+        s: usize,
+        pa: &[f32],
+        pb: &[f32],
+        act: A,
+    );
     /// `y = f(x, a, b)` with per-element coefficients `pa`, `pb` on `rows`
     /// rows of `pa.len()` elements, `stride` apart from `start`.
     fn map_pattern<V: Lane>(
@@ -221,13 +233,37 @@ impl Io for Split<'_> {
         }
     }
     #[inline(always)]
-    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V) {
-        let w = V::WIDTH;
-        let (Some(x), Some(y)) = (span(self.x, start, len), span_mut(self.y, start, len)) else {
+    fn map_runs<V: Lane, A: Act>(
+        &mut self,
+        item: usize,
+        first: usize,
+        s: usize,
+        pa: &[f32],
+        pb: &[f32],
+        act: A,
+    ) {
+        // `item >= first + pa.len() * s` and `s >= 1` on every call; the
+        // checks keep the divisions of `chunks_exact` free of a panic path.
+        let len = pa.len() * s;
+        if item == 0 || s == 0 {
             return;
-        };
-        for (xc, yc) in x.chunks_exact(w).zip(y.chunks_exact_mut(w)) {
-            f(V::load(xc)).store(yc);
+        }
+        // Not `zip` of two `chunks_exact` (see `map_rows`).
+        let mut xs = self.x.chunks_exact(item);
+        for ye in self.y.chunks_exact_mut(item) {
+            let Some(xe) = xs.next() else {
+                return;
+            };
+            let (Some(xw), Some(yw)) = (span(xe, first, len), span_mut(ye, first, len)) else {
+                return;
+            };
+            let mut xr = xw.chunks_exact(s);
+            for (yr, (&a, &b)) in yw.chunks_exact_mut(s).zip(pa.iter().zip(pb)) {
+                let Some(xr) = xr.next() else {
+                    return;
+                };
+                splat_run::<V, A>(Some(xr), yr, a, b, act);
+            }
         }
     }
     #[inline(always)]
@@ -278,12 +314,26 @@ impl Io for InPlace<'_> {
         }
     }
     #[inline(always)]
-    fn map<V: Lane>(&mut self, start: usize, len: usize, f: impl Fn(V) -> V) {
-        let Some(y) = span_mut(self.0, start, len) else {
+    fn map_runs<V: Lane, A: Act>(
+        &mut self,
+        item: usize,
+        first: usize,
+        s: usize,
+        pa: &[f32],
+        pb: &[f32],
+        act: A,
+    ) {
+        let len = pa.len() * s;
+        if item == 0 || s == 0 {
             return;
-        };
-        for yc in y.chunks_exact_mut(V::WIDTH) {
-            f(V::load(yc)).store(yc);
+        }
+        for ye in self.0.chunks_exact_mut(item) {
+            let Some(yw) = span_mut(ye, first, len) else {
+                return;
+            };
+            for (yr, (&a, &b)) in yw.chunks_exact_mut(s).zip(pa.iter().zip(pb)) {
+                splat_run::<V, A>(None, yr, a, b, act);
+            }
         }
     }
     #[inline(always)]
@@ -797,13 +847,7 @@ fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, ac
             while c0 < c {
                 let cw = (c - c0).min(SEGMENT);
                 coef.fill(c0, &mut pa[..cw], &mut pb[..cw]);
-                for i in 0..n {
-                    let mut start = (i * c + c0) * s;
-                    for (&a, &b) in pa[..cw].iter().zip(&pb[..cw]) {
-                        splat_span::<V, A, IO>(io, start, s, a, b, act);
-                        start += s;
-                    }
-                }
+                io.map_runs::<V, A>(c * s, c0 * s, s, &pa[..cw], &pb[..cw], act);
                 c0 += cw;
             }
         }
@@ -812,26 +856,42 @@ fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, ac
     }
 }
 
-/// `len` elements from `start`, all with the same coefficients.
+/// One run, `y = act(x * a + b)` (in place when `x` is `None`): whole
+/// vectors with `chunks_exact`, then the tail through half-width lanes, as
+/// slices (no range checks: a run of 65 elements with sixteen lanes, NCHW
+/// C = 1000 at 256 KiB, is four vectors and one `f32`). A tail shorter than
+/// the next width goes straight to the width that has a whole vector of it.
 #[inline(always)]
-fn splat_span<V: Lane, A: Act, IO: Io>(
-    io: &mut IO,
-    start: usize,
-    len: usize,
-    a: f32,
-    b: f32,
-    act: A,
-) {
-    let (va, vb) = (V::splat(a), V::splat(b));
-    let whole = len / V::WIDTH * V::WIDTH;
-    // Levels with no whole vector skip the call (NCHW C = 1000 at 256 KiB,
-    // runs of 65: the range checks of empty levels cost a third of the
-    // time).
-    if whole > 0 {
-        io.map::<V>(start, whole, |x| act.apply(x.mul_add(va, vb)));
+fn splat_run<V: Lane, A: Act>(x: Option<&[f32]>, y: &mut [f32], a: f32, b: f32, act: A) {
+    let w = V::WIDTH;
+    if w > 1 && y.len() < w {
+        // Nothing for this width (a run's tail, or a run shorter than a
+        // vector): no loop set up at all.
+        return splat_run::<V::Half, A>(x, y, a, b, act);
     }
-    if V::WIDTH > 1 && whole < len {
-        splat_span::<V::Half, A, IO>(io, start + whole, len - whole, a, b, act);
+    let (va, vb) = (V::splat(a), V::splat(b));
+    let mut ys = y.chunks_exact_mut(w);
+    let x_tail = match x {
+        Some(x) => {
+            let mut xs = x.chunks_exact(w);
+            for yc in &mut ys {
+                let Some(xc) = xs.next() else {
+                    return;
+                };
+                act.apply(V::load(xc).mul_add(va, vb)).store(yc);
+            }
+            Some(xs.remainder())
+        }
+        None => {
+            for yc in &mut ys {
+                act.apply(V::load(yc).mul_add(va, vb)).store(yc);
+            }
+            None
+        }
+    };
+    let y_tail = ys.into_remainder();
+    if w > 1 && !y_tail.is_empty() {
+        splat_run::<V::Half, A>(x_tail, y_tail, a, b, act);
     }
 }
 
