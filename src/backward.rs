@@ -31,6 +31,13 @@
 //! The sums are `f32` lane sums over blocks of at most [`INNER`] terms per
 //! lane (joined in a few more `f32` additions), then moved to `f64`: no
 //! `f32` sum ever grows over more than ~72 terms however large the batch.
+//! Periodic rows are read in memory order: a row of up to `2 * SLOTS`
+//! vectors is one register group (a shorter one unrolled over several rows
+//! in separate slots), a wider one is read in panels of [`PANEL_ROWS`] rows
+//! by column groups; the `dx` pass goes row by row, the coefficients of a
+//! wide row loaded beside each vector (reading a block of rows once per
+//! column group, coefficients in registers, ran at 0.4-0.6 of the limit at
+//! 8 and 64 MiB with 256 channels).
 //! Layouts are walked as in [`normalize`](crate::normalize): contiguous
 //! NCHW runs with splatted coefficients; periodic tensors (NHWC, or NCHW
 //! with fewer spatial positions than lanes) by super-rows of `lcm(period,
@@ -48,11 +55,11 @@ use crate::shape::{Layout, Shape};
 use wide::f64x4;
 
 /// Positions (and at most as many channels) whose coefficients and sums sit
-/// on the stack at once: 256 on 64-bit hosts (x86-64, aarch64), where a
-/// channels-last row of up to 256 channels is then read in memory order and
-/// wider rows in strips of 1 KiB per row (strips of 64 positions, 256
-/// bytes per row, ran at a quarter of the roofline at DRAM size); 32 on
-/// small-stack targets (microcontrollers, 32-bit targets, and
+/// on the stack at once: 1024 on 64-bit hosts (x86-64, aarch64), where a
+/// channels-last row of up to 1024 channels is then read whole, row after
+/// row (with 256, NHWC C = 1000 went in strips of 1 KiB per row: 0.28-0.33
+/// of the limit at 8 and 64 MiB against 0.48-0.62 whole, AMD EPYC Zen 4);
+/// 32 on small-stack targets (microcontrollers, 32-bit targets, and
 /// `--cfg batchnorm_compact`): a 1.3 KB window, and 4.1 KB of stack in all
 /// on a Cortex-M4 with 64.
 pub(crate) const WINDOW: usize = if SMALL_STACK { 32 } else { 1024 };
@@ -168,7 +175,10 @@ pub struct Gradients<'a> {
 /// of at most 64 terms (63 roundings), then, on contiguous runs, two `f32`
 /// additions joining four accumulators and at most five reducing the lanes
 /// (`wide`'s `reduce_add`: a tree of depth 4 with AVX-512, pairs of halves
-/// summed in order elsewhere), then `f64`; with `u = ε / 2` that is at most
+/// summed in order elsewhere), on periodic rows at most three joining row
+/// slots pairwise and one adding to a block sum that is zero (or, for rows
+/// wider than one register group, sums of 16 terms, two joins and at most
+/// four panel sums: 21 roundings), then `f64`; with `u = ε / 2` that is at most
 /// 70 roundings of relative size `u` of partial sums bounded by `Σ|t|`, plus
 /// `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64` summation
 /// (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `72.01 u <= 37 ε` of
@@ -189,12 +199,13 @@ pub struct Gradients<'a> {
 /// # Stack
 ///
 /// One window of positions: six `f32` coefficients per position (`a`, `b`,
-/// `mean`, `p`, `q`, `r`), two `f64` sums per channel and a
-/// position-to-channel byte, 41 bytes per position: 1.3 KiB for the 32
-/// positions of a microcontroller or 32-bit build (2.8 KiB in all on a
-/// Cortex-M4, measured by CI), 10.3 KiB for the 256 of an x86-64 or
-/// aarch64 build; plus two 16-lane staging arrays and the register groups'
-/// coefficients where they spill. No heap.
+/// `mean`, `p`, `q`, `r`; `p` and `q` hold the `f32` block sums during the
+/// first pass), two `f64` sums per channel and a two-byte
+/// position-to-channel index, 42 bytes per position: 1.3 KiB for the 32
+/// positions of a microcontroller or 32-bit build (3.5 KiB in all on a
+/// Cortex-M4, measured by `.ci/firmware`), 42 KiB for the 1024 of an x86-64
+/// or aarch64 build; plus the register groups' sums and coefficients where
+/// they spill. No heap.
 ///
 /// Errors (nothing written): a slice whose length does not match `shape`, a
 /// bad shape, a negative or non-finite `epsilon`, a bad `Clamp`, or, in
