@@ -31,6 +31,13 @@
 //! The sums are `f32` lane sums over blocks of at most [`INNER`] terms per
 //! lane (joined in a few more `f32` additions), then moved to `f64`: no
 //! `f32` sum ever grows over more than ~72 terms however large the batch.
+//! Periodic rows are read in memory order: a row of up to `2 * SLOTS`
+//! vectors is one register group (a shorter one unrolled over several rows
+//! in separate slots), a wider one is read in panels of [`PANEL_ROWS`] rows
+//! by column groups; the `dx` pass goes row by row, the coefficients of a
+//! wide row loaded beside each vector (reading a block of rows once per
+//! column group, coefficients in registers, ran at 0.4-0.6 of the limit at
+//! 8 and 64 MiB with 256 channels).
 //! Layouts are walked as in [`normalize`](crate::normalize): contiguous
 //! NCHW runs with splatted coefficients; periodic tensors (NHWC, or NCHW
 //! with fewer spatial positions than lanes) by super-rows of `lcm(period,
@@ -42,23 +49,27 @@
 //! documented on [`backward`].
 
 use crate::error::Error;
-use crate::lanes::{with_lane, Lane, Simd, SMALL_STACK};
+use crate::lanes::{with_lane, Lane, Simd, COMPACT, SMALL_STACK};
 use crate::normalize::{fold_span, Activation, Params};
 use crate::shape::{Layout, Shape};
+use wide::f64x4;
 
 /// Positions (and at most as many channels) whose coefficients and sums sit
-/// on the stack at once: 256 on 64-bit hosts (x86-64, aarch64), where a
-/// channels-last row of up to 256 channels is then read in memory order and
-/// wider rows in strips of 1 KiB per row (strips of 64 positions, 256
-/// bytes per row, ran at a quarter of the roofline at DRAM size); 32 on
-/// small-stack targets (microcontrollers, 32-bit targets, and
+/// on the stack at once: 1024 on 64-bit hosts (x86-64, aarch64), where a
+/// channels-last row of up to 1024 channels is then read whole, row after
+/// row (with 256, NHWC C = 1000 went in strips of 1 KiB per row: 0.28-0.33
+/// of the limit at 8 and 64 MiB against 0.48-0.62 whole, AMD EPYC Zen 4);
+/// 32 on small-stack targets (microcontrollers, 32-bit targets, and
 /// `--cfg batchnorm_compact`): a 1.3 KB window, and 4.1 KB of stack in all
 /// on a Cortex-M4 with 64.
-pub(crate) const WINDOW: usize = if SMALL_STACK { 32 } else { 256 };
+pub(crate) const WINDOW: usize = if SMALL_STACK { 32 } else { 1024 };
 
-/// Rows a column group of the `dx` pass sweeps before the next group takes
-/// the same rows: a block of a 256-position strip stays in L1.
-const DX_ROWS: usize = 16;
+/// Rows a column group of the sums pass sums in registers before the next
+/// group takes the same rows, when a row needs several groups (wider than
+/// `2 * SLOTS` vectors): the panel's rows are read as that many sequential
+/// streams. A row that fits one group is read in memory order, [`INNER`]
+/// rows at a time.
+const PANEL_ROWS: usize = 16;
 
 /// Terms an `f32` lane sum takes before it is moved to `f64`.
 pub(crate) const INNER: usize = 64;
@@ -164,7 +175,10 @@ pub struct Gradients<'a> {
 /// of at most 64 terms (63 roundings), then, on contiguous runs, two `f32`
 /// additions joining four accumulators and at most five reducing the lanes
 /// (`wide`'s `reduce_add`: a tree of depth 4 with AVX-512, pairs of halves
-/// summed in order elsewhere), then `f64`; with `u = ε / 2` that is at most
+/// summed in order elsewhere), on periodic rows at most three joining row
+/// slots pairwise and one adding to a block sum that is zero (or, for rows
+/// wider than one register group, sums of 16 terms, two joins and at most
+/// four panel sums: 21 roundings), then `f64`; with `u = ε / 2` that is at most
 /// 70 roundings of relative size `u` of partial sums bounded by `Σ|t|`, plus
 /// `d = fl(x - mean)` and the product (`2u |g d|`), and the `f64` summation
 /// (`count * 2^-53 <= 0.01 u` for `count <= 10^7`): `72.01 u <= 37 ε` of
@@ -185,12 +199,13 @@ pub struct Gradients<'a> {
 /// # Stack
 ///
 /// One window of positions: six `f32` coefficients per position (`a`, `b`,
-/// `mean`, `p`, `q`, `r`), two `f64` sums per channel and a
-/// position-to-channel byte, 41 bytes per position: 1.3 KiB for the 32
-/// positions of a microcontroller or 32-bit build (2.8 KiB in all on a
-/// Cortex-M4, measured by CI), 10.3 KiB for the 256 of an x86-64 or
-/// aarch64 build; plus two 16-lane staging arrays and the register groups'
-/// coefficients where they spill. No heap.
+/// `mean`, `p`, `q`, `r`; `p` and `q` hold the `f32` block sums during the
+/// first pass), two `f64` sums per channel and a two-byte
+/// position-to-channel index, 42 bytes per position: 1.3 KiB for the 32
+/// positions of a microcontroller or 32-bit build (3.5 KiB in all on a
+/// Cortex-M4, measured by `.ci/firmware`), 42 KiB for the 1024 of an x86-64
+/// or aarch64 build; plus the register groups' sums and coefficients where
+/// they spill. No heap.
 ///
 /// Errors (nothing written): a slice whose length does not match `shape`, a
 /// bad shape, a negative or non-finite `epsilon`, a bad `Clamp`, or, in
@@ -406,6 +421,34 @@ trait Io {
         stride: usize,
         f: impl Fn(usize, V, V) -> V,
     );
+    /// `rows` rows of `pat`'s length, `stride` apart from `start`: `dx =
+    /// f(x, dy, coefficients)` vector by vector, the coefficients read from
+    /// `pat` at the same offset.
+    fn map_rows_pat<V: Lane>(
+        &mut self,
+        start: usize,
+        rows: usize,
+        stride: usize,
+        pat: Pat<'_>,
+        f: impl Fn(V, V, Coefs<V>) -> V,
+    );
+}
+
+/// The coefficient vectors of `pat`, `V::WIDTH` positions each.
+#[inline(always)]
+fn coef_vectors<V: Lane>(pat: Pat<'_>) -> impl Iterator<Item = Coefs<V>> + '_ {
+    let w = V::WIDTH;
+    let ab = pat.a.chunks_exact(w).zip(pat.b.chunks_exact(w));
+    let mp = pat.m.chunks_exact(w).zip(pat.p.chunks_exact(w));
+    let qr = pat.q.chunks_exact(w).zip(pat.r.chunks_exact(w));
+    ab.zip(mp).zip(qr).map(|(((a, b), (m, p)), (q, r))| Coefs {
+        a: V::load(a),
+        b: V::load(b),
+        m: V::load(m),
+        p: V::load(p),
+        q: V::load(q),
+        r: V::load(r),
+    })
 }
 
 struct Split<'a> {
@@ -486,6 +529,35 @@ impl Io for Split<'_> {
         f: impl Fn(usize, V, V) -> V,
     ) {
         let w = V::WIDTH;
+        if stride == NV * w {
+            // Back-to-back rows: one slice (inside the tensors on every
+            // call), walked in steps the compiler knows.
+            let span = start..start + rows * stride;
+            let (Some(x), Some(dy), Some(dx)) = (
+                self.x.get(span.clone()),
+                self.dy.get(span.clone()),
+                self.dx.get_mut(span),
+            ) else {
+                return;
+            };
+            let n = NV * w;
+            for (i, x) in x.chunks_exact(n).enumerate() {
+                let (Some(dy), Some(dx)) = (dy.get(i * n..i * n + n), dx.get_mut(i * n..i * n + n))
+                else {
+                    return;
+                };
+                for k in 0..NV {
+                    let o = k * w;
+                    let (Some(xs), Some(ds), Some(out)) =
+                        (x.get(o..), dy.get(o..), dx.get_mut(o..))
+                    else {
+                        continue;
+                    };
+                    f(k, V::load(xs), V::load(ds)).store(out);
+                }
+            }
+            return;
+        }
         for r in 0..rows {
             let base = start + r * stride;
             let span = base..base + NV * w;
@@ -499,6 +571,33 @@ impl Io for Split<'_> {
             for k in 0..NV {
                 let o = k * w;
                 f(k, V::load(&x[o..]), V::load(&dy[o..])).store(&mut dx[o..]);
+            }
+        }
+    }
+    #[inline(always)]
+    fn map_rows_pat<V: Lane>(
+        &mut self,
+        start: usize,
+        rows: usize,
+        stride: usize,
+        pat: Pat<'_>,
+        f: impl Fn(V, V, Coefs<V>) -> V,
+    ) {
+        let (w, len) = (V::WIDTH, pat.m.len());
+        for r in 0..rows {
+            let base = start + r * stride;
+            let span = base..base + len;
+            let (Some(x), Some(dy), Some(dx)) = (
+                self.x.get(span.clone()),
+                self.dy.get(span.clone()),
+                self.dx.get_mut(span),
+            ) else {
+                return;
+            };
+            let ins = x.chunks_exact(w).zip(dy.chunks_exact(w));
+            let outs = dx.chunks_exact_mut(w).zip(coef_vectors::<V>(pat));
+            for ((xc, dc), (oc, k)) in ins.zip(outs) {
+                f(V::load(xc), V::load(dc), k).store(oc);
             }
         }
     }
@@ -531,6 +630,28 @@ impl Io for InPlace<'_> {
         f: impl Fn(usize, V, V) -> V,
     ) {
         let w = V::WIDTH;
+        if stride == NV * w {
+            // Back-to-back rows: as for `Split`.
+            let span = start..start + rows * stride;
+            let (Some(x), Some(dy)) = (self.x.get(span.clone()), self.dy.get_mut(span)) else {
+                return;
+            };
+            let n = NV * w;
+            for (i, x) in x.chunks_exact(n).enumerate() {
+                let Some(dy) = dy.get_mut(i * n..i * n + n) else {
+                    return;
+                };
+                for k in 0..NV {
+                    let o = k * w;
+                    let (Some(xs), Some(ds)) = (x.get(o..), dy.get_mut(o..)) else {
+                        continue;
+                    };
+                    let v = f(k, V::load(xs), V::load(ds));
+                    v.store(ds);
+                }
+            }
+            return;
+        }
         for r in 0..rows {
             let base = start + r * stride;
             let span = base..base + NV * w;
@@ -541,6 +662,28 @@ impl Io for InPlace<'_> {
                 let o = k * w;
                 let v = f(k, V::load(&x[o..]), V::load(&dy[o..]));
                 v.store(&mut dy[o..]);
+            }
+        }
+    }
+    #[inline(always)]
+    fn map_rows_pat<V: Lane>(
+        &mut self,
+        start: usize,
+        rows: usize,
+        stride: usize,
+        pat: Pat<'_>,
+        f: impl Fn(V, V, Coefs<V>) -> V,
+    ) {
+        let (w, len) = (V::WIDTH, pat.m.len());
+        for r in 0..rows {
+            let base = start + r * stride;
+            let span = base..base + len;
+            let (Some(x), Some(dy)) = (self.x.get(span.clone()), self.dy.get_mut(span)) else {
+                return;
+            };
+            let rows = x.chunks_exact(w).zip(dy.chunks_exact_mut(w));
+            for ((xc, dc), k) in rows.zip(coef_vectors::<V>(pat)) {
+                f(V::load(xc), V::load(dc), k).store(dc);
             }
         }
     }
@@ -626,9 +769,12 @@ struct Win {
     p: [f32; WINDOW],
     q: [f32; WINDOW],
     r: [f32; WINDOW],
-    ch: [u8; WINDOW],
+    ch: [u16; WINDOW],
     sg: [f64; WINDOW],
     sgd: [f64; WINDOW],
+    /// Whether position `j` is window channel `j` for every position of
+    /// the window (NHWC, and NCHW runs).
+    ident: bool,
 }
 
 impl Win {
@@ -643,6 +789,7 @@ impl Win {
             ch: [0; WINDOW],
             sg: [0.0; WINDOW],
             sgd: [0.0; WINDOW],
+            ident: false,
         }
     }
 
@@ -658,20 +805,43 @@ impl Win {
         .slice(from, to)
     }
 
-    /// Adds lane sums of positions `off ..` to their channels' sums.
-    #[inline(always)]
-    fn flush<V: Lane>(&mut self, off: usize, g: V, gd: V) {
-        let (mut tg, mut tgd) = ([0.0f32; 16], [0.0f32; 16]);
-        g.store(&mut tg);
-        gd.store(&mut tgd);
-        for (j, (&vg, &vgd)) in tg[..V::WIDTH].iter().zip(&tgd[..V::WIDTH]).enumerate() {
-            let c = self.ch.get(off + j).copied().unwrap_or(0) as usize;
-            if let Some(s) = self.sg.get_mut(c) {
-                *s += vg as f64;
+    /// Adds the `f32` block sums of positions `off .. off + len` (kept in
+    /// `p` and `q` during pass 1) to their channels' `f64` sums and clears
+    /// them.
+    fn flush_block(&mut self, off: usize, len: usize) {
+        let Win {
+            p,
+            q,
+            ch,
+            sg,
+            sgd,
+            ident,
+            ..
+        } = self;
+        if *ident {
+            let end = off.saturating_add(len);
+            if let (Some(p), Some(q), Some(sg), Some(sgd)) = (
+                p.get_mut(off..end),
+                q.get_mut(off..end),
+                sg.get_mut(off..end),
+                sgd.get_mut(off..end),
+            ) {
+                for ((s, t), (bg, bgd)) in sg.iter_mut().zip(sgd).zip(p.iter_mut().zip(q)) {
+                    *s += *bg as f64;
+                    *t += *bgd as f64;
+                    (*bg, *bgd) = (0.0, 0.0);
+                }
+                return;
             }
-            if let Some(s) = self.sgd.get_mut(c) {
-                *s += vgd as f64;
+        }
+        let blocks = p.iter_mut().zip(q.iter_mut()).zip(ch.iter());
+        for ((bg, bgd), &k) in blocks.skip(off).take(len) {
+            let k = k as usize;
+            if let (Some(s), Some(t)) = (sg.get_mut(k), sgd.get_mut(k)) {
+                *s += *bg as f64;
+                *t += *bgd as f64;
             }
+            (*bg, *bgd) = (0.0, 0.0);
         }
     }
 
@@ -709,11 +879,20 @@ impl Win {
             }
             *m = params.mean.get(c0 + k).copied().unwrap_or(0.0);
         }
-        sg.iter_mut().chain(sgd.iter_mut()).for_each(|s| *s = 0.0);
+        // `p` and `q` hold pass 1's `f32` block sums.
+        let blocks = p.iter_mut().take(npos).chain(q.iter_mut().take(npos));
+        blocks.for_each(|s| *s = 0.0);
+        let sums = sg.iter_mut().take(cw).chain(sgd.iter_mut().take(cw));
+        sums.for_each(|s| *s = 0.0);
+        let mut chans = ch.iter().take(npos).enumerate();
+        self.ident = chans.all(|(j, &k)| k as usize == j);
     }
 
     /// After pass 1: writes `dscale`, `doffset` of the window's channels and
-    /// the per-position `p`, `q`, `r` of pass 2.
+    /// the per-position `p`, `q`, `r` of pass 2: computed per channel into
+    /// the first `cw` entries, then spread to the positions from the last
+    /// down (a position's channel is never after it, so no channel entry is
+    /// overwritten before it is read).
     #[allow(clippy::too_many_arguments)]
     fn finish(
         &mut self,
@@ -725,36 +904,70 @@ impl Win {
         npos: usize,
         outs: &mut Outs<'_>,
     ) {
-        let coef = |k: usize| {
-            let c = c0 + k;
-            let var = params.variance.get(c).copied().unwrap_or(0.0) as f64;
-            let inv = 1.0 / libm::sqrt(var + params.epsilon as f64);
-            let sc = params.scale.and_then(|s| s.get(c)).copied().unwrap_or(1.0) as f64;
-            let sg = self.sg.get(k).copied().unwrap_or(0.0);
-            let sgd = self.sgd.get(k).copied().unwrap_or(0.0);
-            let dscale = sgd * inv;
-            let p = sc * inv;
-            let (q, r) = match mode {
-                Mode::Training => (-p * inv * dscale / count, -p * sg / count),
-                Mode::Inference => (0.0, 0.0),
-            };
-            (sg, dscale, p, q, r)
+        let training = mode == Mode::Training;
+        let per_count = 1.0 / count;
+        let eps = params.epsilon as f64;
+        let end = c0.saturating_add(cw);
+        // Channels `c0 .. c0 + cw` exist on validated input, and `cw <=
+        // npos <= WINDOW`: `get` keeps the panic paths out.
+        let (Some(var), Some(ds), Some(dof)) = (
+            params.variance.get(c0..end),
+            outs.dscale.get_mut(c0..end),
+            outs.doffset.get_mut(c0..end),
+        ) else {
+            return;
         };
-        for k in 0..cw {
-            let (sg, dscale, ..) = coef(k);
-            if let (Some(o), Some(s)) = (outs.doffset.get_mut(c0 + k), outs.dscale.get_mut(c0 + k))
-            {
-                (*o, *s) = (sg as f32, dscale as f32);
-            }
-        }
-        let coefs = self
-            .p
-            .iter_mut()
-            .zip(self.q.iter_mut())
-            .zip(self.r.iter_mut());
-        for (((p, q), r), &k) in coefs.zip(&self.ch).take(npos) {
-            let (.., pk, qk, rk) = coef(k as usize);
+        let scale = params.scale.and_then(|s| s.get(c0..end));
+        let Win {
+            p,
+            q,
+            r,
+            ch,
+            sg,
+            sgd,
+            ..
+        } = self;
+        let sums = sg.iter().zip(sgd.iter());
+        let coefs = p.iter_mut().zip(q.iter_mut()).zip(r.iter_mut());
+        let chans = var.iter().zip(ds.iter_mut().zip(dof.iter_mut()));
+        let mut inv4 = [0.0f64; 4];
+        for (k, ((&v, (ds, dof)), ((&sg, &sgd), ((p, q), r)))) in
+            chans.zip(sums.zip(coefs)).enumerate()
+        {
+            // `1 / sqrt(var + eps)` four channels at a time (one vector
+            // square root and division), one at a time in compact builds.
+            let inv = if COMPACT {
+                1.0 / libm::sqrt(v as f64 + eps)
+            } else {
+                if k % 4 == 0 {
+                    let v4: [f64; 4] =
+                        core::array::from_fn(|j| var.get(k + j).copied().unwrap_or(0.0) as f64);
+                    inv4 = (f64x4::splat(1.0) / (f64x4::new(v4) + f64x4::splat(eps)).sqrt())
+                        .to_array();
+                }
+                inv4.get(k % 4).copied().unwrap_or(0.0)
+            };
+            let sc = scale.and_then(|s| s.get(k)).copied().unwrap_or(1.0) as f64;
+            let dscale = sgd * inv;
+            let pk = sc * inv;
+            let (qk, rk) = if training {
+                (-pk * inv * dscale * per_count, -pk * sg * per_count)
+            } else {
+                (0.0, 0.0)
+            };
+            (*dof, *ds) = (sg as f32, dscale as f32);
             (*p, *q, *r) = (pk as f32, qk as f32, rk as f32);
+        }
+        for j in (0..npos.min(WINDOW)).rev() {
+            let k = ch.get(j).copied().unwrap_or(0) as usize;
+            if k == j {
+                continue;
+            }
+            if let (Some(&pk), Some(&qk), Some(&rk)) = (p.get(k), q.get(k), r.get(k)) {
+                if let (Some(pj), Some(qj), Some(rj)) = (p.get_mut(j), q.get_mut(j), r.get_mut(j)) {
+                    (*pj, *qj, *rj) = (pk, qk, rk);
+                }
+            }
         }
     }
 }
@@ -820,7 +1033,7 @@ fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
     match shape.layout {
         Layout::Nchw if s >= V::WIDTH => {
             for (k, ch) in win.ch.iter_mut().enumerate() {
-                *ch = k as u8;
+                *ch = k as u16;
             }
             let mut c0 = 0;
             while c0 < c {
@@ -907,7 +1120,7 @@ fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
         // Super-rows of `lcm` elements share one pattern; the partial last
         // super-row is one row of a prefix of it.
         for (j, ch) in win.ch.iter_mut().enumerate().take(lcm) {
-            *ch = div(j % period.max(1), dv) as u8;
+            *ch = div(j % period.max(1), dv) as u16;
         }
         let per = div(lcm, period);
         let supers = div(rows, per);
@@ -933,7 +1146,7 @@ fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
         // Strips of whole channels swept over every row.
         let cmax = div(WINDOW, dv).max(1);
         for (j, ch) in win.ch.iter_mut().enumerate() {
-            *ch = div(j, dv) as u8;
+            *ch = div(j, dv) as u16;
         }
         let mut c0 = 0;
         while c0 < channels {
@@ -1009,47 +1222,55 @@ fn run_sums<V: Lane, M: Mask>(
     }
 }
 
-/// Vectors in the next column group of a strip with `left` vectors left:
-/// 8, 4, or all of the last one to three, at most `max`.
-fn group_step(left: usize, max: usize) -> usize {
-    let step = if left >= 8 {
-        8
-    } else if left >= 4 {
-        4
-    } else {
-        left
-    };
-    step.min(max)
+/// Largest number of `V` vectors in one register group of the sums pass.
+const fn one_group<V: Lane>() -> usize {
+    2 * V::SLOTS
 }
 
-/// Pass 1 over a strip: blocks of at most [`INNER`] rows, each swept by
-/// column groups whose sums stay in registers; then the tail columns with
-/// narrower lanes.
+/// Pass 1 over a strip: blocks of at most [`INNER`] rows. A row of at most
+/// [`one_group`] vectors is summed in one register group, rows in memory
+/// order; wider rows in panels of [`PANEL_ROWS`] rows, each swept by
+/// balanced column groups of at most `SLOTS` vectors. Register sums go to
+/// the `f32` block sums, and those to the `f64` sums after every block.
+/// Then the tail columns with narrower lanes.
 fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
     let w = V::WIDTH;
     let nv = t.len / w;
+    let one = nv <= one_group::<V>();
+    let groups = if one { 1 } else { nv.div_ceil(V::SLOTS) };
+    let (size, longer) = (div(nv, groups), nv % groups.max(1));
+    // A short group sums `unroll` rows at once, each in its own slot: a
+    // block is `INNER` rows per slot.
+    let unroll = if one {
+        (V::SLOTS / nv.max(1)).max(1)
+    } else {
+        1
+    };
+    let block = INNER * unroll;
+    let panel = if one { block } else { PANEL_ROWS };
     let mut r0 = 0;
     while nv > 0 && r0 < t.rows {
-        let rb = (t.rows - r0).min(INNER);
-        let mut v = 0;
-        while v < nv {
-            let step = group_step(nv - v, V::SLOTS.max(4)).max(1);
-            let sub = Strip {
-                start: t.start + r0 * t.stride + v * w,
-                rows: rb,
-                len: step * w,
-                off: t.off + v * w,
-                ..t
-            };
-            match step {
-                8 => sums_group::<V, M, 8>(x, dy, sub, win, mask),
-                4 => sums_group::<V, M, 4>(x, dy, sub, win, mask),
-                3 => sums_group::<V, M, 3>(x, dy, sub, win, mask),
-                2 => sums_group::<V, M, 2>(x, dy, sub, win, mask),
-                _ => sums_group::<V, M, 1>(x, dy, sub, win, mask),
+        let rb = (t.rows - r0).min(block);
+        let mut p0 = 0;
+        while p0 < rb {
+            let pr = (rb - p0).min(panel);
+            let start = t.start + (r0 + p0) * t.stride;
+            let mut v0 = 0;
+            for gi in 0..groups {
+                let n = size + usize::from(gi < longer);
+                let sub = Strip {
+                    start: start + v0 * w,
+                    rows: pr,
+                    len: n * w,
+                    off: t.off + v0 * w,
+                    ..t
+                };
+                sums_nv::<V, M>(n, x, dy, sub, win, mask);
+                v0 += n;
             }
-            v += step;
+            p0 += pr;
         }
+        win.flush_block(t.off, nv * w);
         r0 += rb;
     }
     let whole = nv * w;
@@ -1064,8 +1285,37 @@ fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, 
     }
 }
 
-/// `NV` vectors of at most [`INNER`] rows of a strip, the sums in
-/// registers, then moved to the window's `f64` sums.
+/// [`sums_group`] for `nv` (1 to [`one_group`]) vectors.
+#[inline(always)]
+fn sums_nv<V: Lane, M: Mask>(nv: usize, x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
+    match nv.min(one_group::<V>()) {
+        1 => sums_group::<V, M, 1>(x, dy, t, win, mask),
+        2 => sums_group::<V, M, 2>(x, dy, t, win, mask),
+        3 => sums_group::<V, M, 3>(x, dy, t, win, mask),
+        4 => sums_group::<V, M, 4>(x, dy, t, win, mask),
+        5 => sums_group::<V, M, 5>(x, dy, t, win, mask),
+        6 => sums_group::<V, M, 6>(x, dy, t, win, mask),
+        7 => sums_group::<V, M, 7>(x, dy, t, win, mask),
+        8 => sums_group::<V, M, 8>(x, dy, t, win, mask),
+        9 => sums_group::<V, M, 9>(x, dy, t, win, mask),
+        10 => sums_group::<V, M, 10>(x, dy, t, win, mask),
+        11 => sums_group::<V, M, 11>(x, dy, t, win, mask),
+        12 => sums_group::<V, M, 12>(x, dy, t, win, mask),
+        13 => sums_group::<V, M, 13>(x, dy, t, win, mask),
+        14 => sums_group::<V, M, 14>(x, dy, t, win, mask),
+        15 => sums_group::<V, M, 15>(x, dy, t, win, mask),
+        _ => sums_group::<V, M, 16>(x, dy, t, win, mask),
+    }
+}
+
+/// Register sums of a group: up to 16 vectors (a group of `NV` vectors
+/// unrolled over `SLOTS / NV` rows).
+const GROUP_SUMS: usize = 16;
+
+/// `NV` vectors of at most [`INNER`] rows of a strip, summed in registers
+/// (a short group over several rows at once, so that the additions of
+/// consecutive rows do not wait for each other), then added to the window's
+/// `f32` block sums.
 #[inline(always)]
 fn sums_group<V: Lane, M: Mask, const NV: usize>(
     x: &[f32],
@@ -1075,27 +1325,98 @@ fn sums_group<V: Lane, M: Mask, const NV: usize>(
     mask: M,
 ) {
     let w = V::WIDTH;
+    let unroll = (V::SLOTS / NV).max(1);
     let load = |arr: &[f32; WINDOW]| -> [V; NV] {
         core::array::from_fn(|k| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16])))
     };
     let (a, b, m) = (load(&win.a), load(&win.b), load(&win.m));
-    let mut sg = [V::splat(0.0); NV];
-    let mut sgd = [V::splat(0.0); NV];
-    for r in 0..t.rows {
-        let base = t.start + r * t.stride;
-        let span = base..base + NV * w;
-        let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) else {
-            break;
-        };
+    let mut sg = [V::splat(0.0); GROUP_SUMS];
+    let mut sgd = [V::splat(0.0); GROUP_SUMS];
+    let mut add = |u: usize, xr: &[f32], dr: &[f32]| {
         for k in 0..NV {
-            let xv = V::load(&xr[k * w..]);
-            let g = mask.keep(xv, a[k], b[k], V::load(&dr[k * w..]));
-            sg[k] = sg[k].add(g);
-            sgd[k] = g.mul_add(xv.sub(m[k]), sgd[k]);
+            let (Some(xs), Some(ds)) = (xr.get(k * w..), dr.get(k * w..)) else {
+                continue;
+            };
+            let xv = V::load(xs);
+            let g = mask.keep(xv, a[k], b[k], V::load(ds));
+            let i = (u * NV + k) % GROUP_SUMS;
+            sg[i] = sg[i].add(g);
+            sgd[i] = g.mul_add(xv.sub(m[k]), sgd[i]);
+        }
+    };
+    let row = NV * w;
+    if t.stride == row {
+        // Back-to-back rows: one slice (inside the tensors on every call),
+        // walked in steps the compiler knows; the rows left over one per
+        // slot.
+        let span = t.start..t.start + t.rows * row;
+        let (Some(xa), Some(da)) = (x.get(span.clone()), dy.get(span)) else {
+            return;
+        };
+        let mut xs = xa.chunks_exact(unroll * row);
+        let mut ds = da.chunks_exact(unroll * row);
+        for (xc, dc) in (&mut xs).zip(&mut ds) {
+            for u in 0..unroll {
+                let r = u * row..(u + 1) * row;
+                if let (Some(xr), Some(dr)) = (xc.get(r.clone()), dc.get(r)) {
+                    add(u, xr, dr);
+                }
+            }
+        }
+        let (xc, dc) = (xs.remainder(), ds.remainder());
+        for u in 0..unroll {
+            let r = u * row..(u + 1) * row;
+            if let (Some(xr), Some(dr)) = (xc.get(r.clone()), dc.get(r)) {
+                add(u, xr, dr);
+            }
+        }
+    } else {
+        // Strided rows, `unroll` at a time so that every slot index is a
+        // constant (a run-time index kept the sums in memory).
+        let mut at = |u: usize, r: usize| {
+            let base = t.start + r * t.stride;
+            let span = base..base + row;
+            if let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) {
+                add(u, xr, dr);
+            }
+        };
+        let mut r = 0;
+        while r + unroll <= t.rows {
+            for u in 0..unroll {
+                at(u, r + u);
+            }
+            r += unroll;
+        }
+        for u in 0..unroll {
+            if r + u < t.rows {
+                at(u, r + u);
+            }
         }
     }
-    for k in 0..NV {
-        win.flush(t.off + k * w, sg[k], sgd[k]);
+    // Slots joined pairwise (`unroll` is 1, 2, 4 or 8): three levels at most.
+    let mut step = 1;
+    while step < unroll {
+        for u in (0..unroll).step_by(2 * step) {
+            if u + step < unroll {
+                for k in 0..NV {
+                    let (i, j) = (
+                        (u * NV + k) % GROUP_SUMS,
+                        ((u + step) * NV + k) % GROUP_SUMS,
+                    );
+                    sg[i] = sg[i].add(sg[j]);
+                    sgd[i] = sgd[i].add(sgd[j]);
+                }
+            }
+        }
+        step *= 2;
+    }
+    let blocks = win.p.get_mut(t.off..).unwrap_or_default();
+    for (bg, &v) in blocks.chunks_exact_mut(w).zip(&sg).take(NV) {
+        V::load(bg).add(v).store(bg);
+    }
+    let blocks = win.q.get_mut(t.off..).unwrap_or_default();
+    for (bgd, &v) in blocks.chunks_exact_mut(w).zip(&sgd).take(NV) {
+        V::load(bgd).add(v).store(bgd);
     }
 }
 
@@ -1130,34 +1451,28 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     }
 }
 
-/// `dx` of a strip: blocks of at most [`DX_ROWS`] rows, each swept by column
-/// groups with their coefficients in registers (or spilled to the stack
-/// once per block); then the tail columns with narrower lanes.
+/// `dx` of a strip, rows in memory order: a row of up to `SLOTS / 2`
+/// vectors with its coefficients in registers, a wider one with them loaded
+/// from the window beside each vector; then the tail columns with narrower
+/// lanes.
 fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
     let w = V::WIDTH;
     let nv = t.len / w;
-    let mut r0 = 0;
-    while nv > 0 && r0 < t.rows {
-        let rb = (t.rows - r0).min(DX_ROWS);
-        let mut v = 0;
-        while v < nv {
-            let step = group_step(nv - v, 4).max(1);
-            let sub = Strip {
-                start: t.start + r0 * t.stride + v * w,
-                rows: rb,
-                len: step * w,
-                off: t.off + v * w,
-                ..t
-            };
-            match step {
-                4 => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
-                3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
-                2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),
-                _ => dx_group::<V, M, F, IO, 1>(io, sub, win, mask, form),
-            }
-            v += step;
+    let sub = Strip { len: nv * w, ..t };
+    if nv > (V::SLOTS / 2).max(1) {
+        if let Some(pat) = win.pat(t.off, t.off + nv * w) {
+            io.map_rows_pat::<V>(t.start, t.rows, t.stride, pat, |x, dy, c| {
+                form.dx(mask.keep(x, c.a, c.b, dy), x, c)
+            });
         }
-        r0 += rb;
+    } else {
+        match nv {
+            0 => {}
+            1 => dx_group::<V, M, F, IO, 1>(io, sub, win, mask, form),
+            2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),
+            3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
+            _ => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
+        }
     }
     let whole = nv * w;
     if w > 1 && whole < t.len {
@@ -1192,7 +1507,9 @@ fn dx_group<V: Lane, M: Mask, F: Form, IO: Io, const NV: usize>(
         r: ld(&win.r, k),
     });
     io.map_rows::<V, NV>(t.start, t.rows, t.stride, |k, x, dy| {
-        let c = ks[k];
+        let Some(&c) = ks.get(k) else {
+            return dy;
+        };
         form.dx(mask.keep(x, c.a, c.b, dy), x, c)
     });
 }
