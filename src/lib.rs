@@ -149,7 +149,7 @@
 //! The crate is `#![no_std]` with no allocator and no `unsafe`. CI
 //! measures, on `thumbv7em-none-eabihf` (Cortex-M4F) under
 //! `qemu-system-arm`, the stack of every kernel (at most 4 KiB for any
-//! shape: 3.5 KB for a training step, 2.8 KB for its backward pass) and the
+//! shape: 3.5 KB for a training step, 3.5 KB for its backward pass) and the
 //! flash of an inference-only binary (6.0 KB of `.text`) and of a training
 //! one (22.4 KB), and checks every kernel's results on the device.
 //!
