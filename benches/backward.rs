@@ -54,9 +54,10 @@ fn bench(cr: &mut Criterion) {
                 let len = shape.len().unwrap();
                 let xb = input(len);
                 let x = &xb[1..];
-                let dyb: Vec<f32> = input(len + 3)[3..].iter().map(|v| v - 9.0).collect();
+                let dyv: Vec<f32> = input(len + 3)[3..].iter().map(|v| v - 9.0).collect();
+                let dyb = placed(&dyv, DY_AT);
                 let dy = &dyb[1..len + 1];
-                let mut out = vec![0.0f32; len + 1];
+                let mut out = output(len);
                 let mut mean = vec![0.0f32; c];
                 let mut var = vec![0.0f32; c];
                 batchnorm::moments(x, shape, &mut mean, &mut var).unwrap();

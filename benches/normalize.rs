@@ -21,7 +21,7 @@ fn bench(cr: &mut Criterion) {
                 let len = shape.len().unwrap();
                 let buf = input(len);
                 let x = &buf[1..];
-                let mut out = vec![0.0f32; len + 1];
+                let mut out = output(len);
                 let mean: Vec<f32> = (0..c).map(|i| i as f32 * 0.1).collect();
                 let var: Vec<f32> = (0..c).map(|i| 1.0 + i as f32 * 0.01).collect();
                 let scale = vec![1.25f32; c];

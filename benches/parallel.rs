@@ -57,7 +57,7 @@ fn bench(cr: &mut Criterion) {
                 let len = shape.len().unwrap();
                 let buf = input(len);
                 let x = &buf[1..];
-                let mut out = vec![0.0f32; len + 1];
+                let mut out = output(len);
                 let (mut mean, mut var) = (vec![0.0f32; c], vec![0.0f32; c]);
                 let (mut mm, mut mv) = (vec![0.0f32; c], vec![1.0f32; c]);
                 let (mut bm, mut bv) = (vec![0.0f32; c], vec![0.0f32; c]);

@@ -23,7 +23,7 @@ fn bench(cr: &mut Criterion) {
                 let len = shape.len().unwrap();
                 let buf = input(len);
                 let x = &buf[1..];
-                let mut out = vec![0.0f32; len + 1];
+                let mut out = output(len);
                 let (mut mm, mut mv) = (vec![0.0f32; c], vec![1.0f32; c]);
                 let (mut bm, mut bv) = (vec![0.0f32; c], vec![0.0f32; c]);
                 let scale = vec![1.25f32; c];

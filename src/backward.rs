@@ -49,7 +49,7 @@
 //! documented on [`backward`].
 
 use crate::error::Error;
-use crate::lanes::{with_lane, Lane, Simd, COMPACT, SMALL_STACK};
+use crate::lanes::{enabled, inlined, with_lane, Lane, Simd, COMPACT, SMALL_STACK};
 use crate::normalize::{fold_span, Activation, Params};
 use crate::shape::{Layout, Shape};
 use wide::f64x4;
@@ -434,21 +434,36 @@ trait Io {
     );
 }
 
-/// The coefficient vectors of `pat`, `V::WIDTH` positions each.
+/// `V::WIDTH` positions of each of the six coefficient slices of a
+/// [`Pat`].
+type CoefChunks<'a> = (
+    ((&'a [f32], &'a [f32]), (&'a [f32], &'a [f32])),
+    (&'a [f32], &'a [f32]),
+);
+
+/// The coefficient chunks of `pat`, `V::WIDTH` positions each, for [`coefs`]. No
+/// `map` here: `Map`'s out-of-line `__iterator_get_unchecked` would hold the
+/// loads, compiled without the lane's instructions on x86-64.
 #[inline(always)]
-fn coef_vectors<V: Lane>(pat: Pat<'_>) -> impl Iterator<Item = Coefs<V>> + '_ {
+fn coef_chunks<V: Lane>(pat: Pat<'_>) -> impl Iterator<Item = CoefChunks<'_>> {
     let w = V::WIDTH;
     let ab = pat.a.chunks_exact(w).zip(pat.b.chunks_exact(w));
     let mp = pat.m.chunks_exact(w).zip(pat.p.chunks_exact(w));
     let qr = pat.q.chunks_exact(w).zip(pat.r.chunks_exact(w));
-    ab.zip(mp).zip(qr).map(|(((a, b), (m, p)), (q, r))| Coefs {
+    ab.zip(mp).zip(qr)
+}
+
+/// The coefficient vectors of one item of [`coef_chunks`].
+#[inline(always)]
+fn coefs<V: Lane>((((a, b), (m, p)), (q, r)): CoefChunks<'_>) -> Coefs<V> {
+    Coefs {
         a: V::load(a),
         b: V::load(b),
         m: V::load(m),
         p: V::load(p),
         q: V::load(q),
         r: V::load(r),
-    })
+    }
 }
 
 struct Split<'a> {
@@ -595,9 +610,9 @@ impl Io for Split<'_> {
                 return;
             };
             let ins = x.chunks_exact(w).zip(dy.chunks_exact(w));
-            let outs = dx.chunks_exact_mut(w).zip(coef_vectors::<V>(pat));
+            let outs = dx.chunks_exact_mut(w).zip(coef_chunks::<V>(pat));
             for ((xc, dc), (oc, k)) in ins.zip(outs) {
-                f(V::load(xc), V::load(dc), k).store(oc);
+                f(V::load(xc), V::load(dc), coefs(k)).store(oc);
             }
         }
     }
@@ -682,8 +697,8 @@ impl Io for InPlace<'_> {
                 return;
             };
             let rows = x.chunks_exact(w).zip(dy.chunks_exact_mut(w));
-            for ((xc, dc), k) in rows.zip(coef_vectors::<V>(pat)) {
-                f(V::load(xc), V::load(dc), k).store(dc);
+            for ((xc, dc), k) in rows.zip(coef_chunks::<V>(pat)) {
+                f(V::load(xc), V::load(dc), coefs(k)).store(dc);
             }
         }
     }
@@ -1025,52 +1040,72 @@ fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
     form: F,
     mut outs: Outs<'_>,
 ) {
-    let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
-    let count = (n * s) as f64;
-    let mode = F::MODE;
-    let masked = params.activation != Activation::None;
-    let mut win = Win::new();
-    match shape.layout {
-        Layout::Nchw if s >= V::WIDTH => {
-            for (k, ch) in win.ch.iter_mut().enumerate() {
-                *ch = k as u16;
-            }
-            let mut c0 = 0;
-            while c0 < c {
-                let cw = (c - c0).min(WINDOW);
-                win.start(params, c0, cw, cw, masked);
-                let (x, dy) = (io.x(), io.dy());
-                for i in 0..n {
-                    for k in 0..cw {
-                        let r = (i * c + c0 + k) * s..(i * c + c0 + k + 1) * s;
-                        let (Some(xr), Some(dr)) = (x.get(r.clone()), dy.get(r)) else {
-                            continue;
-                        };
-                        let (g, gd) =
-                            run_sums::<V, M>(xr, dr, (win.a[k], win.b[k], win.m[k]), mask);
-                        win.sg[k] += g;
-                        win.sgd[k] += gd;
-                    }
+    enabled!(V => {
+        let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
+        let count = (n * s) as f64;
+        let mode = F::MODE;
+        let masked = params.activation != Activation::None;
+        let mut win = Win::new();
+        match shape.layout {
+            Layout::Nchw if s >= V::WIDTH => {
+                for (k, ch) in win.ch.iter_mut().enumerate() {
+                    *ch = k as u16;
                 }
-                win.finish(params, mode, count, c0, cw, cw, &mut outs);
-                for i in 0..n {
-                    for k in 0..cw {
-                        let Some(pat) = win.pat(k, k + 1) else {
-                            continue;
-                        };
-                        run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, pat, mask, form);
+                let mut c0 = 0;
+                while c0 < c {
+                    let cw = (c - c0).min(WINDOW);
+                    win.start(params, c0, cw, cw, masked);
+                    let (x, dy) = (io.x(), io.dy());
+                    for i in 0..n {
+                        for k in 0..cw {
+                            let r = (i * c + c0 + k) * s..(i * c + c0 + k + 1) * s;
+                            let (Some(xr), Some(dr)) = (x.get(r.clone()), dy.get(r)) else {
+                                continue;
+                            };
+                            let (g, gd) =
+                                run_sums::<V, M>(xr, dr, (win.a[k], win.b[k], win.m[k]), mask);
+                            win.sg[k] += g;
+                            win.sgd[k] += gd;
+                        }
                     }
+                    win.finish(params, mode, count, c0, cw, cw, &mut outs);
+                    for i in 0..n {
+                        for k in 0..cw {
+                            let Some(pat) = win.pat(k, k + 1) else {
+                                continue;
+                            };
+                            run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, pat, mask, form);
+                        }
+                    }
+                    c0 += cw;
                 }
-                c0 += cw;
             }
+            Layout::Nchw => periodic::<V, M, F, IO>(
+                io,
+                c * s,
+                s,
+                n,
+                count,
+                params,
+                &mut win,
+                mask,
+                form,
+                outs,
+            ),
+            Layout::Nhwc => periodic::<V, M, F, IO>(
+                io,
+                c,
+                1,
+                n * s,
+                count,
+                params,
+                &mut win,
+                mask,
+                form,
+                outs,
+            ),
         }
-        Layout::Nchw => {
-            periodic::<V, M, F, IO>(io, c * s, s, n, count, params, &mut win, mask, form, outs)
-        }
-        Layout::Nhwc => {
-            periodic::<V, M, F, IO>(io, c, 1, n * s, count, params, &mut win, mask, form, outs)
-        }
-    }
+    })
 }
 
 /// One strip of a periodic walk: `rows` rows of `len` positions, `stride`
@@ -1099,69 +1134,71 @@ fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
     form: F,
     mut outs: Outs<'_>,
 ) {
-    let w = V::WIDTH;
-    let mode = F::MODE;
-    let masked = params.activation != Activation::None;
-    let lcm = div(period, gcd(period, w)) * w;
-    let channels = div(period, dv);
-    let mut both = |io: &mut IO, win: &mut Win, c0: usize, cw: usize, strips: &[Strip]| {
-        let npos = strips.first().map_or(0, |t| t.len.max(t.off));
-        let npos = strips.iter().fold(npos, |a, t| a.max(t.off + t.len));
-        win.start(params, c0, cw, npos, masked);
-        for &t in strips {
-            sums_strip::<V, M>(io.x(), io.dy(), t, win, mask);
+    enabled!(V => {
+        let w = V::WIDTH;
+        let mode = F::MODE;
+        let masked = params.activation != Activation::None;
+        let lcm = div(period, gcd(period, w)) * w;
+        let channels = div(period, dv);
+        let mut both = |io: &mut IO, win: &mut Win, c0: usize, cw: usize, strips: &[Strip]| {
+            let npos = strips.first().map_or(0, |t| t.len.max(t.off));
+            let npos = strips.iter().fold(npos, |a, t| a.max(t.off + t.len));
+            win.start(params, c0, cw, npos, masked);
+            for &t in strips {
+                sums_strip::<V, M>(io.x(), io.dy(), t, win, mask);
+            }
+            win.finish(params, mode, count, c0, cw, npos, &mut outs);
+            for &t in strips {
+                dx_strip::<V, M, F, IO>(io, t, win, mask, form);
+            }
+        };
+        if lcm <= WINDOW {
+            // Super-rows of `lcm` elements share one pattern; the partial last
+            // super-row is one row of a prefix of it.
+            for (j, ch) in win.ch.iter_mut().enumerate().take(lcm) {
+                *ch = div(j % period.max(1), dv) as u16;
+            }
+            let per = div(lcm, period);
+            let supers = div(rows, per);
+            let left = (rows - supers * per) * period;
+            let strips = [
+                Strip {
+                    start: 0,
+                    rows: supers,
+                    stride: lcm,
+                    len: lcm,
+                    off: 0,
+                },
+                Strip {
+                    start: supers * lcm,
+                    rows: 1,
+                    stride: lcm,
+                    len: left,
+                    off: 0,
+                },
+            ];
+            both(io, win, 0, channels, &strips);
+        } else {
+            // Strips of whole channels swept over every row.
+            let cmax = div(WINDOW, dv).max(1);
+            for (j, ch) in win.ch.iter_mut().enumerate() {
+                *ch = div(j, dv) as u16;
+            }
+            let mut c0 = 0;
+            while c0 < channels {
+                let cw = (channels - c0).min(cmax);
+                let strip = Strip {
+                    start: c0 * dv,
+                    rows,
+                    stride: period,
+                    len: cw * dv,
+                    off: 0,
+                };
+                both(io, win, c0, cw, &[strip]);
+                c0 += cw;
+            }
         }
-        win.finish(params, mode, count, c0, cw, npos, &mut outs);
-        for &t in strips {
-            dx_strip::<V, M, F, IO>(io, t, win, mask, form);
-        }
-    };
-    if lcm <= WINDOW {
-        // Super-rows of `lcm` elements share one pattern; the partial last
-        // super-row is one row of a prefix of it.
-        for (j, ch) in win.ch.iter_mut().enumerate().take(lcm) {
-            *ch = div(j % period.max(1), dv) as u16;
-        }
-        let per = div(lcm, period);
-        let supers = div(rows, per);
-        let left = (rows - supers * per) * period;
-        let strips = [
-            Strip {
-                start: 0,
-                rows: supers,
-                stride: lcm,
-                len: lcm,
-                off: 0,
-            },
-            Strip {
-                start: supers * lcm,
-                rows: 1,
-                stride: lcm,
-                len: left,
-                off: 0,
-            },
-        ];
-        both(io, win, 0, channels, &strips);
-    } else {
-        // Strips of whole channels swept over every row.
-        let cmax = div(WINDOW, dv).max(1);
-        for (j, ch) in win.ch.iter_mut().enumerate() {
-            *ch = div(j, dv) as u16;
-        }
-        let mut c0 = 0;
-        while c0 < channels {
-            let cw = (channels - c0).min(cmax);
-            let strip = Strip {
-                start: c0 * dv,
-                rows,
-                stride: period,
-                len: cw * dv,
-                off: 0,
-            };
-            both(io, win, c0, cw, &[strip]);
-            c0 += cw;
-        }
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1176,50 +1213,52 @@ fn run_sums<V: Lane, M: Mask>(
     (a, b, m): (f32, f32, f32),
     mask: M,
 ) -> (f64, f64) {
-    const K: usize = 4;
-    let w = V::WIDTH;
-    let (va, vb, vm) = (V::splat(a), V::splat(b), V::splat(m));
-    let (mut tg, mut tgd) = (0.0f64, 0.0f64);
-    let mut xs = x.chunks_exact(K * w);
-    let mut ds = dy.chunks_exact(K * w);
-    loop {
-        let mut sg = [V::splat(0.0); K];
-        let mut sgd = [V::splat(0.0); K];
-        let mut taken = 0;
-        for (xc, dc) in (&mut xs).zip(&mut ds).take(INNER) {
-            for k in 0..K {
-                let xv = V::load(&xc[k * w..]);
-                let g = mask.keep(xv, va, vb, V::load(&dc[k * w..]));
-                sg[k] = sg[k].add(g);
-                sgd[k] = g.mul_add(xv.sub(vm), sgd[k]);
+    enabled!(V => {
+        const K: usize = 4;
+        let w = V::WIDTH;
+        let (va, vb, vm) = (V::splat(a), V::splat(b), V::splat(m));
+        let (mut tg, mut tgd) = (0.0f64, 0.0f64);
+        let mut xs = x.chunks_exact(K * w);
+        let mut ds = dy.chunks_exact(K * w);
+        loop {
+            let mut sg = [V::splat(0.0); K];
+            let mut sgd = [V::splat(0.0); K];
+            let mut taken = 0;
+            for (xc, dc) in (&mut xs).zip(&mut ds).take(INNER) {
+                for k in 0..K {
+                    let xv = V::load(&xc[k * w..]);
+                    let g = mask.keep(xv, va, vb, V::load(&dc[k * w..]));
+                    sg[k] = sg[k].add(g);
+                    sgd[k] = g.mul_add(xv.sub(vm), sgd[k]);
+                }
+                taken += 1;
             }
-            taken += 1;
+            if taken == 0 {
+                break;
+            }
+            // Two f32 levels join the accumulators, at most five the lanes.
+            tg += sg[0].add(sg[1]).add(sg[2].add(sg[3])).reduce_add() as f64;
+            tgd += sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])).reduce_add() as f64;
+            if taken < INNER {
+                break;
+            }
         }
-        if taken == 0 {
-            break;
+        let (rx, rd) = (xs.remainder(), ds.remainder());
+        if rx.is_empty() {
+            return (tg, tgd);
         }
-        // Two f32 levels join the accumulators, at most five the lanes.
-        tg += sg[0].add(sg[1]).add(sg[2].add(sg[3])).reduce_add() as f64;
-        tgd += sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])).reduce_add() as f64;
-        if taken < INNER {
-            break;
+        if w == 1 {
+            for (&xv, &dv) in rx.iter().zip(rd) {
+                let g = mask.keep(xv, a, b, dv);
+                tg += g as f64;
+                tgd += (g * (xv - m)) as f64;
+            }
+            (tg, tgd)
+        } else {
+            let (g, gd) = run_sums::<V::Half, M>(rx, rd, (a, b, m), mask);
+            (tg + g, tgd + gd)
         }
-    }
-    let (rx, rd) = (xs.remainder(), ds.remainder());
-    if rx.is_empty() {
-        return (tg, tgd);
-    }
-    if w == 1 {
-        for (&xv, &dv) in rx.iter().zip(rd) {
-            let g = mask.keep(xv, a, b, dv);
-            tg += g as f64;
-            tgd += (g * (xv - m)) as f64;
-        }
-        (tg, tgd)
-    } else {
-        let (g, gd) = run_sums::<V::Half, M>(rx, rd, (a, b, m), mask);
-        (tg + g, tgd + gd)
-    }
+    })
 }
 
 /// Largest number of `V` vectors in one register group of the sums pass.
@@ -1234,55 +1273,57 @@ const fn one_group<V: Lane>() -> usize {
 /// the `f32` block sums, and those to the `f64` sums after every block.
 /// Then the tail columns with narrower lanes.
 fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
-    let w = V::WIDTH;
-    let nv = t.len / w;
-    let one = nv <= one_group::<V>();
-    let groups = if one { 1 } else { nv.div_ceil(V::SLOTS) };
-    let (size, longer) = (div(nv, groups), nv % groups.max(1));
-    // A short group sums `unroll` rows at once, each in its own slot: a
-    // block is `INNER` rows per slot.
-    let unroll = if one {
-        (V::SLOTS / nv.max(1)).max(1)
-    } else {
-        1
-    };
-    let block = INNER * unroll;
-    let panel = if one { block } else { PANEL_ROWS };
-    let mut r0 = 0;
-    while nv > 0 && r0 < t.rows {
-        let rb = (t.rows - r0).min(block);
-        let mut p0 = 0;
-        while p0 < rb {
-            let pr = (rb - p0).min(panel);
-            let start = t.start + (r0 + p0) * t.stride;
-            let mut v0 = 0;
-            for gi in 0..groups {
-                let n = size + usize::from(gi < longer);
-                let sub = Strip {
-                    start: start + v0 * w,
-                    rows: pr,
-                    len: n * w,
-                    off: t.off + v0 * w,
-                    ..t
-                };
-                sums_nv::<V, M>(n, x, dy, sub, win, mask);
-                v0 += n;
-            }
-            p0 += pr;
-        }
-        win.flush_block(t.off, nv * w);
-        r0 += rb;
-    }
-    let whole = nv * w;
-    if w > 1 && whole < t.len {
-        let tail = Strip {
-            start: t.start + whole,
-            len: t.len - whole,
-            off: t.off + whole,
-            ..t
+    enabled!(V => {
+        let w = V::WIDTH;
+        let nv = t.len / w;
+        let one = nv <= one_group::<V>();
+        let groups = if one { 1 } else { nv.div_ceil(V::SLOTS) };
+        let (size, longer) = (div(nv, groups), nv % groups.max(1));
+        // A short group sums `unroll` rows at once, each in its own slot: a
+        // block is `INNER` rows per slot.
+        let unroll = if one {
+            (V::SLOTS / nv.max(1)).max(1)
+        } else {
+            1
         };
-        sums_strip::<V::Half, M>(x, dy, tail, win, mask);
-    }
+        let block = INNER * unroll;
+        let panel = if one { block } else { PANEL_ROWS };
+        let mut r0 = 0;
+        while nv > 0 && r0 < t.rows {
+            let rb = (t.rows - r0).min(block);
+            let mut p0 = 0;
+            while p0 < rb {
+                let pr = (rb - p0).min(panel);
+                let start = t.start + (r0 + p0) * t.stride;
+                let mut v0 = 0;
+                for gi in 0..groups {
+                    let n = size + usize::from(gi < longer);
+                    let sub = Strip {
+                        start: start + v0 * w,
+                        rows: pr,
+                        len: n * w,
+                        off: t.off + v0 * w,
+                        ..t
+                    };
+                    sums_nv::<V, M>(n, x, dy, sub, win, mask);
+                    v0 += n;
+                }
+                p0 += pr;
+            }
+            win.flush_block(t.off, nv * w);
+            r0 += rb;
+        }
+        let whole = nv * w;
+        if w > 1 && whole < t.len {
+            let tail = Strip {
+                start: t.start + whole,
+                len: t.len - whole,
+                off: t.off + whole,
+                ..t
+            };
+            sums_strip::<V::Half, M>(x, dy, tail, win, mask);
+        }
+    })
 }
 
 /// [`sums_group`] for `nv` (1 to [`one_group`]) vectors.
@@ -1326,24 +1367,36 @@ fn sums_group<V: Lane, M: Mask, const NV: usize>(
 ) {
     let w = V::WIDTH;
     let unroll = (V::SLOTS / NV).max(1);
-    let load = |arr: &[f32; WINDOW]| -> [V; NV] {
-        core::array::from_fn(|k| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16])))
-    };
+    let load = inlined(
+        #[inline(always)]
+        |arr: &[f32; WINDOW]| -> [V; NV] {
+            // A loop, not `core::array::from_fn`: its internal closures
+            // stay out of line, compiled without the lane's instructions.
+            let mut v = [V::splat(0.0); NV];
+            for (k, v) in v.iter_mut().enumerate() {
+                *v = V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16]));
+            }
+            v
+        },
+    );
     let (a, b, m) = (load(&win.a), load(&win.b), load(&win.m));
     let mut sg = [V::splat(0.0); GROUP_SUMS];
     let mut sgd = [V::splat(0.0); GROUP_SUMS];
-    let mut add = |u: usize, xr: &[f32], dr: &[f32]| {
-        for k in 0..NV {
-            let (Some(xs), Some(ds)) = (xr.get(k * w..), dr.get(k * w..)) else {
-                continue;
-            };
-            let xv = V::load(xs);
-            let g = mask.keep(xv, a[k], b[k], V::load(ds));
-            let i = (u * NV + k) % GROUP_SUMS;
-            sg[i] = sg[i].add(g);
-            sgd[i] = g.mul_add(xv.sub(m[k]), sgd[i]);
-        }
-    };
+    let mut add = inlined(
+        #[inline(always)]
+        |u: usize, xr: &[f32], dr: &[f32]| {
+            for k in 0..NV {
+                let (Some(xs), Some(ds)) = (xr.get(k * w..), dr.get(k * w..)) else {
+                    continue;
+                };
+                let xv = V::load(xs);
+                let g = mask.keep(xv, a[k], b[k], V::load(ds));
+                let i = (u * NV + k) % GROUP_SUMS;
+                sg[i] = sg[i].add(g);
+                sgd[i] = g.mul_add(xv.sub(m[k]), sgd[i]);
+            }
+        },
+    );
     let row = NV * w;
     if t.stride == row {
         // Back-to-back rows: one slice (inside the tensors on every call),
@@ -1373,13 +1426,16 @@ fn sums_group<V: Lane, M: Mask, const NV: usize>(
     } else {
         // Strided rows, `unroll` at a time so that every slot index is a
         // constant (a run-time index kept the sums in memory).
-        let mut at = |u: usize, r: usize| {
-            let base = t.start + r * t.stride;
-            let span = base..base + row;
-            if let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) {
-                add(u, xr, dr);
-            }
-        };
+        let mut at = inlined(
+            #[inline(always)]
+            |u: usize, r: usize| {
+                let base = t.start + r * t.stride;
+                let span = base..base + row;
+                if let (Some(xr), Some(dr)) = (x.get(span.clone()), dy.get(span)) {
+                    add(u, xr, dr);
+                }
+            },
+        );
         let mut r = 0;
         while r + unroll <= t.rows {
             for u in 0..unroll {
@@ -1433,22 +1489,24 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     mask: M,
     form: F,
 ) {
-    let one = |s: &[f32]| V::splat(s.first().copied().unwrap_or(0.0));
-    let k = Coefs {
-        a: one(pat.a),
-        b: one(pat.b),
-        m: one(pat.m),
-        p: one(pat.p),
-        q: one(pat.q),
-        r: one(pat.r),
-    };
-    let whole = len / V::WIDTH * V::WIDTH;
-    io.map::<V>(start, whole, |x, dy| {
-        form.dx(mask.keep(x, k.a, k.b, dy), x, k)
-    });
-    if V::WIDTH > 1 && whole < len {
-        run_dx::<V::Half, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
-    }
+    enabled!(V => {
+        let one = |s: &[f32]| V::splat(s.first().copied().unwrap_or(0.0));
+        let k = Coefs {
+            a: one(pat.a),
+            b: one(pat.b),
+            m: one(pat.m),
+            p: one(pat.p),
+            q: one(pat.q),
+            r: one(pat.r),
+        };
+        let whole = len / V::WIDTH * V::WIDTH;
+        io.map::<V>(start, whole, |x, dy| {
+            form.dx(mask.keep(x, k.a, k.b, dy), x, k)
+        });
+        if V::WIDTH > 1 && whole < len {
+            run_dx::<V::Half, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
+        }
+    })
 }
 
 /// `dx` of a strip, rows in memory order: a row of up to `SLOTS / 2`
@@ -1456,34 +1514,36 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
 /// from the window beside each vector; then the tail columns with narrower
 /// lanes.
 fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
-    let w = V::WIDTH;
-    let nv = t.len / w;
-    let sub = Strip { len: nv * w, ..t };
-    if nv > (V::SLOTS / 2).max(1) {
-        if let Some(pat) = win.pat(t.off, t.off + nv * w) {
-            io.map_rows_pat::<V>(t.start, t.rows, t.stride, pat, |x, dy, c| {
-                form.dx(mask.keep(x, c.a, c.b, dy), x, c)
-            });
+    enabled!(V => {
+        let w = V::WIDTH;
+        let nv = t.len / w;
+        let sub = Strip { len: nv * w, ..t };
+        if nv > (V::SLOTS / 2).max(1) {
+            if let Some(pat) = win.pat(t.off, t.off + nv * w) {
+                io.map_rows_pat::<V>(t.start, t.rows, t.stride, pat, |x, dy, c| {
+                    form.dx(mask.keep(x, c.a, c.b, dy), x, c)
+                });
+            }
+        } else {
+            match nv {
+                0 => {}
+                1 => dx_group::<V, M, F, IO, 1>(io, sub, win, mask, form),
+                2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),
+                3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
+                _ => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
+            }
         }
-    } else {
-        match nv {
-            0 => {}
-            1 => dx_group::<V, M, F, IO, 1>(io, sub, win, mask, form),
-            2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),
-            3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
-            _ => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
+        let whole = nv * w;
+        if w > 1 && whole < t.len {
+            let tail = Strip {
+                start: t.start + whole,
+                len: t.len - whole,
+                off: t.off + whole,
+                ..t
+            };
+            dx_strip::<V::Half, M, F, IO>(io, tail, win, mask, form);
         }
-    }
-    let whole = nv * w;
-    if w > 1 && whole < t.len {
-        let tail = Strip {
-            start: t.start + whole,
-            len: t.len - whole,
-            off: t.off + whole,
-            ..t
-        };
-        dx_strip::<V::Half, M, F, IO>(io, tail, win, mask, form);
-    }
+    })
 }
 
 /// `dx` of `NV` vectors of a block of rows.
@@ -1496,20 +1556,40 @@ fn dx_group<V: Lane, M: Mask, F: Form, IO: Io, const NV: usize>(
     form: F,
 ) {
     let w = V::WIDTH;
-    let ld =
-        |arr: &[f32; WINDOW], k: usize| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16]));
-    let ks: [Coefs<V>; NV] = core::array::from_fn(|k| Coefs {
-        a: ld(&win.a, k),
-        b: ld(&win.b, k),
-        m: ld(&win.m, k),
-        p: ld(&win.p, k),
-        q: ld(&win.q, k),
-        r: ld(&win.r, k),
-    });
-    io.map_rows::<V, NV>(t.start, t.rows, t.stride, |k, x, dy| {
-        let Some(&c) = ks.get(k) else {
-            return dy;
+    let ld = inlined(
+        #[inline(always)]
+        |arr: &[f32; WINDOW], k: usize| V::load(arr.get(t.off + k * w..).unwrap_or(&[0.0; 16])),
+    );
+    // A loop, not `core::array::from_fn` (see `sums_group`).
+    let z = V::splat(0.0);
+    let mut ks = [Coefs {
+        a: z,
+        b: z,
+        m: z,
+        p: z,
+        q: z,
+        r: z,
+    }; NV];
+    for (k, c) in ks.iter_mut().enumerate() {
+        *c = Coefs {
+            a: ld(&win.a, k),
+            b: ld(&win.b, k),
+            m: ld(&win.m, k),
+            p: ld(&win.p, k),
+            q: ld(&win.q, k),
+            r: ld(&win.r, k),
         };
-        form.dx(mask.keep(x, c.a, c.b, dy), x, c)
-    });
+    }
+    io.map_rows::<V, NV>(
+        t.start,
+        t.rows,
+        t.stride,
+        #[inline(always)]
+        |k, x, dy| {
+            let Some(&c) = ks.get(k) else {
+                return dy;
+            };
+            form.dx(mask.keep(x, c.a, c.b, dy), x, c)
+        },
+    );
 }

@@ -36,6 +36,16 @@ pub(crate) trait Lane: Copy {
     /// `moments` also sums a whole row of up to `2 * SLOTS` vectors in one
     /// register group, letting the compiler spill the shifts.
     const SLOTS: usize;
+    /// Runs `f`, a kernel instantiated with this type, where the type's
+    /// instructions are enabled: a plain call for the types `wide` selects
+    /// at compile time, a call through a `#[target_feature]` function for the
+    /// run-time selected x86-64 types. Every kernel entry and every
+    /// never-inlined kernel function runs its body through it, so that no
+    /// code of those types is compiled without their instructions.
+    #[inline(always)]
+    fn enabled<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
     /// Every lane set to `v`.
     fn splat(v: f32) -> Self;
     /// Loads `WIDTH` values from the start of `s` (`s.len() >= WIDTH`; a
@@ -242,21 +252,29 @@ wide_lane!(f32x16, 16, WIDE_SLOTS, f32x8);
 
 /// The lane width a kernel runs with.
 ///
-/// [`Simd::detect`] picks the widest type the build runs natively (this is a
-/// compile-time choice: `wide` selects instructions from the target features
-/// the crate is compiled with). Only widths the build runs in native
-/// registers are compiled: `Scalar` and `X4` on x86, x86-64 and aarch64,
-/// `X8` with `avx`, `X16` with `avx512f`; a width that is not compiled runs
-/// the widest compiled one below it ([`Simd::effective`]). The `all-widths`
-/// feature compiles every width (two or four 4-lane registers where the
-/// target has no wider ones), so that tests, fuzzers and benchmarks can run
-/// every code path on every machine. A [compact](crate#compact-builds)
-/// build compiles one width only, and every `Simd` value runs it.
+/// [`Simd::detect`] picks the widest width this CPU runs natively. On
+/// x86-64 that is a run-time choice, made once: `X16` (AVX-512F) or `X8`
+/// (AVX2 and FMA) when the CPU has them, whatever the build's target
+/// features, else `X4` (SSE2); the `X8` and `X16` code is compiled with
+/// those instructions enabled and runs only after the CPU reported them,
+/// so a plain `cargo build` is as fast as a `-C target-cpu=native` one.
+/// Elsewhere it is a compile-time choice (`wide` selects instructions from
+/// the target features the crate is compiled with).
+///
+/// Only widths that can run natively are compiled: every width on x86-64,
+/// `Scalar` and `X4` on x86 and aarch64 (plus `X8` with `avx` and `X16`
+/// with `avx512f` on x86). A width that is not compiled, or that this CPU
+/// cannot run, runs the widest one below it that can ([`Simd::effective`]).
+/// The `all-widths` feature compiles every width on every target (two or
+/// four 4-lane registers where the target has no wider ones), so that
+/// tests, fuzzers and benchmarks can run every code path. A
+/// [compact](crate#compact-builds) build compiles one width only, and every
+/// `Simd` value runs it.
 ///
 /// ```
 /// use batchnorm::Simd;
 ///
-/// // The width the free functions use, and it is always compiled.
+/// // The width the free functions use, and it always runs as itself.
 /// let simd = Simd::detect();
 /// assert_eq!(simd.effective(), simd);
 /// // Forcing a width: `Simd::X16.moments(..)` runs `Simd::X16.effective()`.
@@ -267,11 +285,13 @@ wide_lane!(f32x16, 16, WIDE_SLOTS, f32x8);
 pub enum Simd {
     /// One lane: plain `f32` arithmetic, the portable fallback.
     Scalar,
-    /// `wide::f32x4`: SSE2, NEON, wasm simd128, or four scalars.
+    /// Four lanes: SSE2, NEON, wasm simd128 (`wide::f32x4`), or four scalars.
     X4,
-    /// `wide::f32x8`: AVX, or two 4-lane registers.
+    /// Eight lanes: AVX2 with FMA on x86-64 (selected at run time), `wide`'s
+    /// `f32x8` elsewhere (AVX, or two 4-lane registers).
     X8,
-    /// `wide::f32x16`: AVX-512, or two 8-lane / four 4-lane registers.
+    /// Sixteen lanes: AVX-512F on x86-64 (selected at run time), `wide`'s
+    /// `f32x16` elsewhere.
     X16,
 }
 
@@ -279,35 +299,31 @@ impl Simd {
     /// Every width, narrowest first.
     pub const ALL: [Simd; 4] = [Simd::Scalar, Simd::X4, Simd::X8, Simd::X16];
 
-    /// The widest lane type this build runs in native registers:
-    /// `X16` with `avx512f`, `X8` with `avx`, `X4` otherwise on x86 and
-    /// aarch64 (SSE2, NEON). In a [compact](crate#compact-builds) build
-    /// (microcontrollers and every other target without x86 or aarch64
-    /// SIMD) it is the one width compiled in, `Scalar`.
-    pub const fn detect() -> Simd {
-        if COMPACT {
-            Simd::Scalar
-        } else if cfg!(target_feature = "avx512f") {
-            Simd::X16
-        } else if cfg!(target_feature = "avx") {
-            Simd::X8
-        } else {
-            Simd::X4
-        }
+    /// The widest width this CPU runs natively. On x86-64: `X16` with
+    /// AVX-512F, `X8` with AVX2 and FMA, `X4` otherwise, asked of the CPU the
+    /// first time (`cpuid`, no `std` needed) and cached; a build whose
+    /// target features include them needs no question. Elsewhere: `X16`
+    /// with `avx512f`, `X8` with `avx` (x86), `X4` on x86 and aarch64 (SSE2,
+    /// NEON); in a [compact](crate#compact-builds) build (microcontrollers
+    /// and every other target without x86 or aarch64 SIMD) the one width
+    /// compiled in, `Scalar`.
+    pub fn detect() -> Simd {
+        Simd::X16.effective()
     }
 
     /// The width that runs when `self` is asked for: `self` when it is
-    /// compiled into this build, else the widest compiled width below it
-    /// (`Scalar` for every width in a compact build; `X4` for `X8` and `X16`
-    /// in a default x86-64 build without the `all-widths` feature).
-    pub const fn effective(self) -> Simd {
+    /// compiled into this build and this CPU runs it, else the widest such
+    /// width below it (`Scalar` for every width in a compact build; `X4`
+    /// for `X8` and `X16` on an x86-64 CPU without AVX2 and FMA).
+    pub fn effective(self) -> Simd {
         if COMPACT {
             return Simd::Scalar;
         }
+        let (x8, x16) = native_wide();
         match self {
             Simd::Scalar => Simd::Scalar,
-            Simd::X16 if HAS_X16 => Simd::X16,
-            Simd::X8 | Simd::X16 if HAS_X8 => Simd::X8,
+            Simd::X16 if x16 => Simd::X16,
+            Simd::X8 | Simd::X16 if x8 => Simd::X8,
             _ => Simd::X4,
         }
     }
@@ -324,10 +340,60 @@ impl Simd {
     }
 }
 
+/// Whether `X8` and `X16` run: on x86-64, what the CPU reports.
+#[cfg(all(target_arch = "x86_64", not(batchnorm_compact)))]
+#[inline]
+fn native_wide() -> (bool, bool) {
+    let isa = crate::x86::isa();
+    (isa >= crate::x86::Isa::Avx2, isa >= crate::x86::Isa::Avx512)
+}
+
+/// Whether `X8` and `X16` run: elsewhere, whether they are compiled
+/// (never read in a compact build).
+#[cfg(any(not(target_arch = "x86_64"), batchnorm_compact))]
+#[inline]
+fn native_wide() -> (bool, bool) {
+    (HAS_X8, HAS_X16)
+}
+
 impl Default for Simd {
     fn default() -> Self {
         Simd::detect()
     }
+}
+
+/// Runs a kernel function's body inside [`Lane::enabled`] of `$V`: every
+/// generic kernel function the compiler may keep out of line does (on
+/// x86-64 it would otherwise be compiled without the instructions of the
+/// run-time selected types). Elsewhere it is the body as it is, so that the
+/// compiler sees the code it saw before (on a Cortex-M an extra closure
+/// changed which iterator constructors were inlined, and a division by a
+/// chunk size it could no longer prove non-zero survived).
+#[cfg(all(target_arch = "x86_64", not(batchnorm_compact)))]
+macro_rules! enabled {
+    ($V:ty => $body:block) => {
+        <$V as $crate::lanes::Lane>::enabled(
+            #[inline(always)]
+            move || $body,
+        )
+    };
+}
+/// The body as it is (see the x86-64 definition).
+#[cfg(not(all(target_arch = "x86_64", not(batchnorm_compact))))]
+macro_rules! enabled {
+    ($V:ty => $body:block) => {
+        $body
+    };
+}
+pub(crate) use enabled;
+
+/// Returns `f`: lets a closure bound with `let` carry `#[inline(always)]`
+/// (an attribute on a closure is stable in argument position only). Kernel
+/// closures need it on x86-64, where a closure left out of line is compiled
+/// without the instructions [`Lane::enabled`] turned on around its caller.
+#[inline(always)]
+pub(crate) fn inlined<F>(f: F) -> F {
+    f
 }
 
 /// Whether this build is *compact*: one lane width (`f32`, see
@@ -350,10 +416,14 @@ pub(crate) const COMPACT: bool = cfg!(any(
     )
 ));
 
-/// Whether `f32x8` kernels are compiled (outside a compact build): where
-/// the target runs them in one register (`avx`), or every width is asked for.
+/// Whether `f32x8` kernels are compiled off x86-64 (outside a compact
+/// build): where the target runs them in one register (`avx`), or every
+/// width is asked for.
+#[cfg(any(not(target_arch = "x86_64"), batchnorm_compact))]
 const HAS_X8: bool = cfg!(any(feature = "all-widths", target_feature = "avx"));
-/// Whether `f32x16` kernels are compiled (outside a compact build).
+/// Whether `f32x16` kernels are compiled off x86-64 (outside a compact
+/// build).
+#[cfg(any(not(target_arch = "x86_64"), batchnorm_compact))]
 const HAS_X16: bool = cfg!(any(feature = "all-widths", target_feature = "avx512f"));
 
 /// Whether stack-resident windows are small (moments' panel windows and
@@ -368,12 +438,49 @@ pub(crate) const SMALL_STACK: bool = cfg!(any(
 ));
 
 /// Calls `$body` with the type alias `$V` bound to the lane type of
+/// `$simd.effective()`, inside [`Lane::enabled`] of that type. On x86-64,
+/// `X8` and `X16` are the run-time selected types of `crate::x86`, and
+/// `effective` returns them only after the CPU reported their features:
+/// this is the one place that names them (the invariant their `unsafe`
+/// rests on).
+#[cfg(all(target_arch = "x86_64", not(batchnorm_compact)))]
+macro_rules! with_lane {
+    ($simd:expr, $V:ident => $body:expr) => {
+        match $crate::lanes::Simd::effective($simd) {
+            $crate::lanes::Simd::Scalar => {
+                type $V = f32;
+                $body
+            }
+            $crate::lanes::Simd::X8 => {
+                type $V = $crate::x86::Avx2<4>;
+                <$V as $crate::lanes::Lane>::enabled(
+                    #[inline(always)]
+                    || $body,
+                )
+            }
+            $crate::lanes::Simd::X16 => {
+                type $V = $crate::x86::Avx512;
+                <$V as $crate::lanes::Lane>::enabled(
+                    #[inline(always)]
+                    || $body,
+                )
+            }
+            _ => {
+                type $V = wide::f32x4;
+                $body
+            }
+        }
+    };
+}
+
+/// Calls `$body` with the type alias `$V` bound to the lane type of
 /// `$simd.effective()`.
 #[cfg(not(any(
     batchnorm_compact,
+    target_arch = "x86_64",
     all(
         not(feature = "all-widths"),
-        not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))
+        not(any(target_arch = "x86", target_arch = "aarch64"))
     )
 )))]
 macro_rules! with_lane {

@@ -201,7 +201,7 @@
 //! bound. `benches/README.md` has the tables, the CPU, the commands, and
 //! the cells that miss their target.
 #![no_std]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(clippy::all)]
 
@@ -217,6 +217,8 @@ mod normalize;
 pub mod parallel;
 pub mod reference;
 mod shape;
+#[cfg(all(target_arch = "x86_64", not(batchnorm_compact)))]
+mod x86;
 
 pub use backward::{backward, backward_in_place, Gradients, Mode};
 pub use ema::{update_moving, Config, Momentum, MovingStats};

@@ -80,7 +80,7 @@
 //! variance NaN and its mean NaN or infinite; no other channel is affected.
 
 use crate::error::Error;
-use crate::lanes::{with_lane, Lane, Simd, SMALL_STACK};
+use crate::lanes::{enabled, with_lane, Lane, Simd, SMALL_STACK};
 use crate::shape::{Layout, Shape};
 use crate::Variance;
 
@@ -765,72 +765,74 @@ fn panels<V: Lane, const N: usize>(
     lcm: Option<usize>,
     emit: &mut impl FnMut(usize, Acc),
 ) {
-    // Validated input has `period = channels * div >= div >= 1`; the
-    // checks keep the divisions below free of a panic path.
-    if div == 0 || period == 0 {
-        return;
-    }
-    let mut st = Window::<N> {
-        s: [0.0; N],
-        q: [0.0; N],
-        k: [0.0; N],
-        mean: [0.0; N],
-        m2: [0.0; N],
-        n: 0,
-    };
-    let channels = period / div;
-    if let Some(lcm) = lcm.filter(|&l| l <= N - WINDOW_SLACK) {
-        // Super-rows of `lcm` elements (position `p` is channel
-        // `(p mod period) / div`), then the rows left over: the elements
-        // after the last whole super-row, `(rows - supers * per) * period`
-        // of them.
-        let per = (lcm / period).max(1);
-        let supers = rows / per;
-        let span = Span {
-            start: 0,
-            stride: lcm,
-            len: lcm,
-            rows: supers,
+    enabled!(V => {
+        // Validated input has `period = channels * div >= div >= 1`; the
+        // checks keep the divisions below free of a panic path.
+        if div == 0 || period == 0 {
+            return;
+        }
+        let mut st = Window::<N> {
+            s: [0.0; N],
+            q: [0.0; N],
+            k: [0.0; N],
+            mean: [0.0; N],
+            m2: [0.0; N],
+            n: 0,
         };
-        walk::<V, N>(x, span, &mut st);
-        let tail = x.get(supers * lcm..).unwrap_or_default();
-        for c in 0..channels {
-            let mut acc = Acc::default();
-            for r in 0..per {
-                for t in 0..div {
-                    acc = acc.merge(st.acc(r * period + c * div + t));
+        let channels = period / div;
+        if let Some(lcm) = lcm.filter(|&l| l <= N - WINDOW_SLACK) {
+            // Super-rows of `lcm` elements (position `p` is channel
+            // `(p mod period) / div`), then the rows left over: the elements
+            // after the last whole super-row, `(rows - supers * per) * period`
+            // of them.
+            let per = (lcm / period).max(1);
+            let supers = rows / per;
+            let span = Span {
+                start: 0,
+                stride: lcm,
+                len: lcm,
+                rows: supers,
+            };
+            walk::<V, N>(x, span, &mut st);
+            let tail = x.get(supers * lcm..).unwrap_or_default();
+            for c in 0..channels {
+                let mut acc = Acc::default();
+                for r in 0..per {
+                    for t in 0..div {
+                        acc = acc.merge(st.acc(r * period + c * div + t));
+                    }
                 }
+                emit(c, acc.merge(exact(tail, period, c * div, div)));
             }
-            emit(c, acc.merge(exact(tail, period, c * div, div)));
+            return;
         }
-        return;
-    }
-    // Windows of whole channels, at most WINDOW + div positions each, at
-    // least WINDOW / 2 - div >= one vector: the first `channels % windows`
-    // windows take one channel more than the others. (Formed by adding
-    // window sizes: `i * channels / windows` overflowed a 32-bit `usize`
-    // from 2^21 NHWC channels on.)
-    let windows = period.div_ceil(WINDOW).max(1);
-    let (size, longer) = (channels / windows, channels % windows);
-    let mut c0 = 0;
-    for i in 0..windows {
-        let c1 = c0 + size + usize::from(i < longer);
-        let span = Span {
-            start: c0 * div,
-            stride: period,
-            len: (c1 - c0) * div,
-            rows,
-        };
-        walk::<V, N>(x, span, &mut st);
-        for c in 0..c1 - c0 {
-            let mut acc = Acc::default();
-            for t in 0..div {
-                acc = acc.merge(st.acc(c * div + t));
+        // Windows of whole channels, at most WINDOW + div positions each, at
+        // least WINDOW / 2 - div >= one vector: the first `channels % windows`
+        // windows take one channel more than the others. (Formed by adding
+        // window sizes: `i * channels / windows` overflowed a 32-bit `usize`
+        // from 2^21 NHWC channels on.)
+        let windows = period.div_ceil(WINDOW).max(1);
+        let (size, longer) = (channels / windows, channels % windows);
+        let mut c0 = 0;
+        for i in 0..windows {
+            let c1 = c0 + size + usize::from(i < longer);
+            let span = Span {
+                start: c0 * div,
+                stride: period,
+                len: (c1 - c0) * div,
+                rows,
+            };
+            walk::<V, N>(x, span, &mut st);
+            for c in 0..c1 - c0 {
+                let mut acc = Acc::default();
+                for t in 0..div {
+                    acc = acc.merge(st.acc(c * div + t));
+                }
+                emit(c0 + c, acc);
             }
-            emit(c0 + c, acc);
+            c0 = c1;
         }
-        c0 = c1;
-    }
+    })
 }
 
 /// The record of the elements `offset .. offset + width` of every row of
@@ -911,112 +913,114 @@ impl<const N: usize> Window<N> {
 
 /// A span's rows through the panel kernels, block by block. Resets `st`.
 fn walk<V: Lane, const N: usize>(x: &[f32], span: Span, st: &mut Window<N>) {
-    let w = V::WIDTH;
-    st.n = 0;
-    if span.rows == 0 {
-        return;
-    }
-    // The first row is the first block, whose sums around the shift (the
-    // row itself) are zero, or NaN for a NaN or infinite value, as the sums
-    // would be.
-    // A span lies inside `x` and has at most `N` positions on every call:
-    // the `get`s keep the panic paths out.
-    let Some(row) = x.get(span.start..).and_then(|r| r.get(..span.len)) else {
-        return;
-    };
-    if span.len > N {
-        return;
-    }
-    let first = row.iter().zip(&mut st.k).zip(&mut st.mean).zip(&mut st.m2);
-    for (((&v, k), mean), m2) in first {
-        let z = if v.is_finite() { 0.0 } else { f64::NAN };
-        *k = v;
-        *mean = v as f64 + z;
-        *m2 = z;
-    }
-    st.n = 1;
-    let whole = span.len / w;
-    let rem = span.len % w;
-    // A row of up to 2 * SLOTS whole vectors is one group, read in memory
-    // order: its sums take every register (the compiler spills a few),
-    // but the hardware prefetchers follow one sequential stream at DRAM
-    // size, which they do not when a panel's rows are visited once per
-    // column group (with two groups of eight vectors, C = 256 with
-    // AVX-512, 0.33 of the read roofline at 64 MiB). Wider rows: balanced
-    // column groups, none much shorter than SLOTS vectors.
-    let groups = if rem == 0 && (1..=one_group::<V>()).contains(&whole) {
-        1
-    } else {
-        whole.div_ceil(V::SLOTS)
-    };
-    let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
-    // Back-to-back rows only: a window of whole channels (rows `stride`
-    // apart) that fits one group goes through the panel kernel's strided
-    // loop, which does not flush every INNER_ROWS rows. Only small windows
-    // make such a window (on x86-64 and aarch64 a window of whole channels
-    // has more than 2 * SLOTS vectors), hence the const test first.
-    let back_to_back = !SMALL_STACK || span.stride == span.len;
-    let panel = if groups == 1 && rem == 0 && back_to_back {
-        // Read in order anyway: as long as the block, the kernel moving its
-        // register sums out every INNER_ROWS rows per lane by itself.
-        BLOCK_ROWS
-    } else {
-        PANEL_ROWS
-    };
-    let mut done = 1;
-    while done < span.rows {
-        let block = done.saturating_mul(3).min(BLOCK_ROWS).min(span.rows - done);
-        let mut r = 0;
-        while r < block {
-            let pr = panel.min(block - r);
-            let row0 = span.start + (done + r) * span.stride;
-            // The panel's rows from column `o` of the window on.
-            let tile = |o: usize| Tile {
-                base: row0 + o,
-                rows: pr,
-                stride: span.stride,
-            };
-            let mut v0 = 0;
-            for gi in 0..groups {
-                let nv = size + usize::from(gi < longer);
-                let (o, e) = (v0 * w, (v0 + nv) * w);
-                v0 += nv;
-                let (Some(s), Some(q), Some(k)) =
-                    (st.s.get_mut(o..e), st.q.get_mut(o..e), st.k.get(o..e))
-                else {
-                    continue;
+    enabled!(V => {
+        let w = V::WIDTH;
+        st.n = 0;
+        if span.rows == 0 {
+            return;
+        }
+        // The first row is the first block, whose sums around the shift (the
+        // row itself) are zero, or NaN for a NaN or infinite value, as the sums
+        // would be.
+        // A span lies inside `x` and has at most `N` positions on every call:
+        // the `get`s keep the panic paths out.
+        let Some(row) = x.get(span.start..).and_then(|r| r.get(..span.len)) else {
+            return;
+        };
+        if span.len > N {
+            return;
+        }
+        let first = row.iter().zip(&mut st.k).zip(&mut st.mean).zip(&mut st.m2);
+        for (((&v, k), mean), m2) in first {
+            let z = if v.is_finite() { 0.0 } else { f64::NAN };
+            *k = v;
+            *mean = v as f64 + z;
+            *m2 = z;
+        }
+        st.n = 1;
+        let whole = span.len / w;
+        let rem = span.len % w;
+        // A row of up to 2 * SLOTS whole vectors is one group, read in memory
+        // order: its sums take every register (the compiler spills a few),
+        // but the hardware prefetchers follow one sequential stream at DRAM
+        // size, which they do not when a panel's rows are visited once per
+        // column group (with two groups of eight vectors, C = 256 with
+        // AVX-512, 0.33 of the read roofline at 64 MiB). Wider rows: balanced
+        // column groups, none much shorter than SLOTS vectors.
+        let groups = if rem == 0 && (1..=one_group::<V>()).contains(&whole) {
+            1
+        } else {
+            whole.div_ceil(V::SLOTS)
+        };
+        let (size, longer) = (whole / groups.max(1), whole % groups.max(1));
+        // Back-to-back rows only: a window of whole channels (rows `stride`
+        // apart) that fits one group goes through the panel kernel's strided
+        // loop, which does not flush every INNER_ROWS rows. Only small windows
+        // make such a window (on x86-64 and aarch64 a window of whole channels
+        // has more than 2 * SLOTS vectors), hence the const test first.
+        let back_to_back = !SMALL_STACK || span.stride == span.len;
+        let panel = if groups == 1 && rem == 0 && back_to_back {
+            // Read in order anyway: as long as the block, the kernel moving its
+            // register sums out every INNER_ROWS rows per lane by itself.
+            BLOCK_ROWS
+        } else {
+            PANEL_ROWS
+        };
+        let mut done = 1;
+        while done < span.rows {
+            let block = done.saturating_mul(3).min(BLOCK_ROWS).min(span.rows - done);
+            let mut r = 0;
+            while r < block {
+                let pr = panel.min(block - r);
+                let row0 = span.start + (done + r) * span.stride;
+                // The panel's rows from column `o` of the window on.
+                let tile = |o: usize| Tile {
+                    base: row0 + o,
+                    rows: pr,
+                    stride: span.stride,
                 };
-                panel_nv::<V>(nv, x, tile(o), Sums { s, q, k });
-            }
-            if rem != 0 {
-                // One vector ending at the row's end; its first `w - rem`
-                // lanes are counted by the vector before. (`span.len >= w`
-                // whenever `rem != 0`.)
-                let (o, e) = (span.len.saturating_sub(w), span.len);
-                let (mut s, mut q) = ([0.0f32; 16], [0.0f32; 16]);
-                if let (Some(k), Some(ds), Some(dq)) = (
-                    st.k.get(o..e),
-                    st.s.get_mut(e - rem..e),
-                    st.q.get_mut(e - rem..e),
-                ) {
-                    let sums = Sums {
-                        s: &mut s[..w],
-                        q: &mut q[..w],
-                        k,
+                let mut v0 = 0;
+                for gi in 0..groups {
+                    let nv = size + usize::from(gi < longer);
+                    let (o, e) = (v0 * w, (v0 + nv) * w);
+                    v0 += nv;
+                    let (Some(s), Some(q), Some(k)) =
+                        (st.s.get_mut(o..e), st.q.get_mut(o..e), st.k.get(o..e))
+                    else {
+                        continue;
                     };
-                    panel_nv::<V>(1, x, tile(o), sums);
-                    let new = s[..w].iter().zip(&q[..w]).skip(w - rem);
-                    for ((ds, dq), (s, q)) in ds.iter_mut().zip(dq.iter_mut()).zip(new) {
-                        *ds += s;
-                        *dq += q;
+                    panel_nv::<V>(nv, x, tile(o), Sums { s, q, k });
+                }
+                if rem != 0 {
+                    // One vector ending at the row's end; its first `w - rem`
+                    // lanes are counted by the vector before. (`span.len >= w`
+                    // whenever `rem != 0`.)
+                    let (o, e) = (span.len.saturating_sub(w), span.len);
+                    let (mut s, mut q) = ([0.0f32; 16], [0.0f32; 16]);
+                    if let (Some(k), Some(ds), Some(dq)) = (
+                        st.k.get(o..e),
+                        st.s.get_mut(e - rem..e),
+                        st.q.get_mut(e - rem..e),
+                    ) {
+                        let sums = Sums {
+                            s: &mut s[..w],
+                            q: &mut q[..w],
+                            k,
+                        };
+                        panel_nv::<V>(1, x, tile(o), sums);
+                        let new = s[..w].iter().zip(&q[..w]).skip(w - rem);
+                        for ((ds, dq), (s, q)) in ds.iter_mut().zip(dq.iter_mut()).zip(new) {
+                            *ds += s;
+                            *dq += q;
+                        }
                     }
                 }
+                r += pr;
             }
-            r += pr;
+            st.end_block(span.len, block as u64);
+            done += block;
         }
-        st.end_block(span.len, block as u64);
-        done += block;
-    }
+    })
 }
 
 /// Rows of one panel: `rows` rows `stride` apart, the group's first vector
@@ -1172,55 +1176,63 @@ const RUN_PIECE: usize = 8 * 1024;
 /// inlined, for the reason given at [`panels`].
 #[inline(never)]
 fn runs<V: Lane>(x: &[f32], c: usize, s: usize, emit: &mut impl FnMut(usize, Acc)) {
-    // `s >= V::WIDTH >= 1` and `c * s <= x.len()` on validated input; the
-    // checks let the compiler drop the panic paths of `chunks_exact`.
-    let Some(item) = c.checked_mul(s).filter(|&e| e > 0) else {
-        return;
-    };
-    // A plain local array: wrapped in a struct, it was built and then
-    // copied (two 1.8 KB arrays in the frame on a Cortex-M4).
-    let mut slots = [Slot::EMPTY; GROUP_CHANNELS];
-    let mut w = Weights::default();
-    // At most INNER_ROWS terms per lane in one f32 sum.
-    let cap = (INNER_ROWS * RUN_SLOTS * V::WIDTH).min(RUN_PIECE);
-    let mut c0 = 0;
-    while c0 < c {
-        let cw = (c - c0).min(GROUP_CHANNELS);
-        // Batch element by batch element, the window's runs in memory order.
-        for element in x.chunks_exact(item) {
-            let Some(window) = element.get(c0 * s..(c0 + cw) * s) else {
-                break;
-            };
-            for (mut run, slot) in window.chunks_exact(s).zip(slots.iter_mut()) {
-                while !run.is_empty() {
-                    let (seen, open) = (slot.acc.n as usize, slot.n as usize);
-                    if seen == 0 && open == 0 {
-                        let (piece, rest) = run.split_at_checked(cap).unwrap_or((run, &[]));
-                        let (k, sums) = first_block::<V>(piece);
-                        slot.shift = k;
-                        slot.add_sums(sums, piece.len());
-                        slot.end_block(&mut w);
+    enabled!(V => {
+        // `s >= V::WIDTH >= 1` and `c * s <= x.len()` on validated input; the
+        // checks let the compiler drop the panic paths of `chunks_exact`.
+        let Some(item) = c.checked_mul(s).filter(|&e| e > 0) else {
+            return;
+        };
+        // Said again: inside the closure of `enabled!` the compiler no longer
+        // sees that `s >= 1` (from `item > 0`, or from every caller).
+        let Some(s) = core::num::NonZeroUsize::new(s) else {
+            return;
+        };
+        let s = s.get();
+        // A plain local array: wrapped in a struct, it was built and then
+        // copied (two 1.8 KB arrays in the frame on a Cortex-M4).
+        let mut slots = [Slot::EMPTY; GROUP_CHANNELS];
+        let mut w = Weights::default();
+        // At most INNER_ROWS terms per lane in one f32 sum.
+        let cap = (INNER_ROWS * RUN_SLOTS * V::WIDTH).min(RUN_PIECE);
+        let mut c0 = 0;
+        while c0 < c {
+            let cw = (c - c0).min(GROUP_CHANNELS);
+            // Batch element by batch element, the window's runs in memory order.
+            for element in x.chunks_exact(item) {
+                let Some(window) = element.get(c0 * s..(c0 + cw) * s) else {
+                    break;
+                };
+                for (mut run, slot) in window.chunks_exact(s).zip(slots.iter_mut()) {
+                    while !run.is_empty() {
+                        let (seen, open) = (slot.acc.n as usize, slot.n as usize);
+                        if seen == 0 && open == 0 {
+                            let (piece, rest) = run.split_at_checked(cap).unwrap_or((run, &[]));
+                            let (k, sums) = first_block::<V>(piece);
+                            slot.shift = k;
+                            slot.add_sums(sums, piece.len());
+                            slot.end_block(&mut w);
+                            run = rest;
+                            continue;
+                        }
+                        let target = seen.saturating_mul(3).clamp(WARM_UP, RUN_PIECE);
+                        let len = target.saturating_sub(open).min(cap);
+                        let (piece, rest) = run.split_at_checked(len).unwrap_or((run, &[]));
+                        slot.add_sums(run_sums::<V>(piece, slot.shift), piece.len());
+                        if slot.n as usize >= target {
+                            slot.end_block(&mut w);
+                        }
                         run = rest;
-                        continue;
                     }
-                    let target = seen.saturating_mul(3).clamp(WARM_UP, RUN_PIECE);
-                    let len = target.saturating_sub(open).min(cap);
-                    let (piece, rest) = run.split_at_checked(len).unwrap_or((run, &[]));
-                    slot.add_sums(run_sums::<V>(piece, slot.shift), piece.len());
-                    if slot.n as usize >= target {
-                        slot.end_block(&mut w);
-                    }
-                    run = rest;
                 }
             }
+            for (ch, slot) in slots.iter_mut().take(cw).enumerate() {
+                slot.end_block(&mut w);
+                emit(c0 + ch, slot.acc);
+                *slot = Slot::EMPTY;
+            }
+            c0 += cw;
         }
-        for (ch, slot) in slots.iter_mut().take(cw).enumerate() {
-            slot.end_block(&mut w);
-            emit(c0 + ch, slot.acc);
-            *slot = Slot::EMPTY;
-        }
-        c0 += cw;
-    }
+    })
 }
 
 /// A channel's first block, one piece: its shift and shifted sums.
@@ -1234,24 +1246,26 @@ fn runs<V: Lane>(x: &[f32], c: usize, s: usize, emit: &mut impl FnMut(usize, Acc
 /// its mean. Later blocks are shifted by the running mean, which for data
 /// that does not drift is far under one standard deviation from theirs.
 fn first_block<V: Lane>(piece: &[f32]) -> (f32, (f64, f64)) {
-    let Some(&k) = piece.first() else {
-        return (0.0, (0.0, 0.0));
-    };
-    let sums = run_sums::<V>(piece, k);
-    let n = piece.len() as f64;
-    // `Σ(x - k)² > 4 m2` with `m2 = Σ(x - k)² - (Σ(x - k))² / n`, multiplied
-    // out so that no division sits on the path to the branch (NCHW C = 16
-    // at 256 KiB: 5% faster). Written so that an overflowing `f32` sum
-    // (values far beyond the §3 domain) also takes the redo; NaN or
-    // infinite data makes the mean non-finite below, and a poisoned channel
-    // stays as it is.
-    if 4.0 * sums.0 * sums.0 > 3.0 * n * sums.1 || !sums.1.is_finite() {
-        let mean = (k as f64 + sums.0 / n) as f32;
-        if mean.is_finite() {
-            return (mean, run_sums::<V>(piece, mean));
+    enabled!(V => {
+        let Some(&k) = piece.first() else {
+            return (0.0, (0.0, 0.0));
+        };
+        let sums = run_sums::<V>(piece, k);
+        let n = piece.len() as f64;
+        // `Σ(x - k)² > 4 m2` with `m2 = Σ(x - k)² - (Σ(x - k))² / n`, multiplied
+        // out so that no division sits on the path to the branch (NCHW C = 16
+        // at 256 KiB: 5% faster). Written so that an overflowing `f32` sum
+        // (values far beyond the §3 domain) also takes the redo; NaN or
+        // infinite data makes the mean non-finite below, and a poisoned channel
+        // stays as it is.
+        if 4.0 * sums.0 * sums.0 > 3.0 * n * sums.1 || !sums.1.is_finite() {
+            let mean = (k as f64 + sums.0 / n) as f32;
+            if mean.is_finite() {
+                return (mean, run_sums::<V>(piece, mean));
+            }
         }
-    }
-    (k, sums)
+        (k, sums)
+    })
 }
 
 /// Independent accumulator pairs of [`run_sums`]: four chains cover the

@@ -39,7 +39,7 @@
 //! 2.7 KiB of stack, whatever the shape (`.ci/firmware` paints it).
 
 use crate::error::{check_epsilon, Error};
-use crate::lanes::{with_lane, Lane, Simd, COMPACT, SMALL_STACK};
+use crate::lanes::{enabled, with_lane, Lane, Simd, COMPACT, SMALL_STACK};
 use crate::shape::{Layout, Shape};
 use wide::f64x4;
 
@@ -833,27 +833,29 @@ pub(crate) fn run<IO: Io>(simd: Simd, io: &mut IO, shape: Shape, coef: Coef<'_>,
 }
 
 fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, act: A) {
-    let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
-    if n == 0 || s == 0 {
-        return;
-    }
-    match shape.layout {
-        Layout::Nchw if s >= V::WIDTH => {
-            // Coefficients of a window of channels on the stack, then the
-            // window's runs in memory order, batch element by batch element.
-            let mut pa = [0.0f32; SEGMENT];
-            let mut pb = [0.0f32; SEGMENT];
-            let mut c0 = 0;
-            while c0 < c {
-                let cw = (c - c0).min(SEGMENT);
-                coef.fill(c0, &mut pa[..cw], &mut pb[..cw]);
-                io.map_runs::<V, A>(c * s, c0 * s, s, &pa[..cw], &pb[..cw], act);
-                c0 += cw;
-            }
+    enabled!(V => {
+        let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
+        if n == 0 || s == 0 {
+            return;
         }
-        Layout::Nchw => periodic::<V, A, IO>(io, c * s, s, n, coef, act),
-        Layout::Nhwc => periodic::<V, A, IO>(io, c, 1, n * s, coef, act),
-    }
+        match shape.layout {
+            Layout::Nchw if s >= V::WIDTH => {
+                // Coefficients of a window of channels on the stack, then the
+                // window's runs in memory order, batch element by batch element.
+                let mut pa = [0.0f32; SEGMENT];
+                let mut pb = [0.0f32; SEGMENT];
+                let mut c0 = 0;
+                while c0 < c {
+                    let cw = (c - c0).min(SEGMENT);
+                    coef.fill(c0, &mut pa[..cw], &mut pb[..cw]);
+                    io.map_runs::<V, A>(c * s, c0 * s, s, &pa[..cw], &pb[..cw], act);
+                    c0 += cw;
+                }
+            }
+            Layout::Nchw => periodic::<V, A, IO>(io, c * s, s, n, coef, act),
+            Layout::Nhwc => periodic::<V, A, IO>(io, c, 1, n * s, coef, act),
+        }
+    })
 }
 
 /// One run, `y = act(x * a + b)` (in place when `x` is `None`): whole
@@ -934,9 +936,12 @@ fn super_rows<V: Lane, A: Act, IO: Io, const NV: usize>(
     let w = V::WIDTH;
     // `pa` and `pb` have `NV` vectors on every call.
     let (mut va, mut vb) = ([V::splat(0.0); NV], [V::splat(0.0); NV]);
-    let pattern = pa.chunks_exact(w).zip(pb.chunks_exact(w));
-    for ((va, vb), (a, b)) in va.iter_mut().zip(vb.iter_mut()).zip(pattern) {
-        (*va, *vb) = (V::load(a), V::load(b));
+    // Indexed rather than a `zip` of `chunks_exact`: left out of line (as
+    // it was on x86-64, with every width compiled), `zip` divides by a
+    // chunk size it cannot see.
+    for (k, (va, vb)) in va.iter_mut().zip(vb.iter_mut()).enumerate() {
+        let (a, b) = (pa.get(k * w..), pb.get(k * w..));
+        (*va, *vb) = (V::load(a.unwrap_or(&[])), V::load(b.unwrap_or(&[])));
     }
     io.map_rows::<V, NV>(0, rows, &va, &vb, |x, a, b| act.apply(x.mul_add(a, b)));
 }
@@ -964,56 +969,58 @@ fn periodic<V: Lane, A: Act, IO: Io>(
     coef: Coef<'_>,
     act: A,
 ) {
-    let w = V::WIDTH;
-    // `None` (longer than any pattern) when `lcm` does not fit in `usize`.
-    let lcm = crate::moments::lcm(period, w).filter(|&l| l <= SEGMENT);
-    if let (Coef::Given { a, b }, 1, None) = (coef, div, lcm) {
-        // Long channels-last rows: the caller's coefficients are the pattern.
-        pattern_rows::<V, A, IO>(io, 0, rows, period, a, b, act);
-        return;
-    }
-    let mut pa = [0.0f32; SEGMENT];
-    let mut pb = [0.0f32; SEGMENT];
-    if let Some(lcm) = lcm {
-        // Super-rows of `lcm` elements share one pattern; the partial last
-        // super-row uses a prefix of it. (`1 <= period <= lcm <= SEGMENT`:
-        // the `min`s and `max`es below only let the compiler see it.)
-        let period = period.min(lcm).max(1);
-        coef.fill_positions(0, div, &mut pa[..period], &mut pb[..period]);
-        repeat(&mut pa[..lcm], period);
-        repeat(&mut pb[..lcm], period);
-        let per = (lcm / period).max(1);
-        let supers = rows / per;
-        let (pa_, pb_) = (&pa[..lcm], &pb[..lcm]);
-        // A compact build keeps the flash of the register kernels for the
-        // shortest patterns only (one to four vectors: one to four
-        // channels, RGB included); 0 takes the last arm.
-        let nv = if COMPACT && lcm / w > 4 { 0 } else { lcm / w };
-        match nv {
-            // A short pattern lives in registers: one load per vector.
-            1 => super_rows::<V, A, IO, 1>(io, supers, pa_, pb_, act),
-            2 => super_rows::<V, A, IO, 2>(io, supers, pa_, pb_, act),
-            3 => super_rows::<V, A, IO, 3>(io, supers, pa_, pb_, act),
-            4 => super_rows::<V, A, IO, 4>(io, supers, pa_, pb_, act),
-            5 => super_rows::<V, A, IO, 5>(io, supers, pa_, pb_, act),
-            6 => super_rows::<V, A, IO, 6>(io, supers, pa_, pb_, act),
-            7 => super_rows::<V, A, IO, 7>(io, supers, pa_, pb_, act),
-            8 => super_rows::<V, A, IO, 8>(io, supers, pa_, pb_, act),
-            16 => super_rows::<V, A, IO, 16>(io, supers, pa_, pb_, act),
-            _ => pattern_rows::<V, A, IO>(io, 0, supers, lcm, pa_, pb_, act),
+    enabled!(V => {
+        let w = V::WIDTH;
+        // `None` (longer than any pattern) when `lcm` does not fit in `usize`.
+        let lcm = crate::moments::lcm(period, w).filter(|&l| l <= SEGMENT);
+        if let (Coef::Given { a, b }, 1, None) = (coef, div, lcm) {
+            // Long channels-last rows: the caller's coefficients are the pattern.
+            pattern_rows::<V, A, IO>(io, 0, rows, period, a, b, act);
+            return;
         }
-        // Fewer than `per` rows are left, less than one pattern.
-        let left = ((rows - supers * per) * period).min(lcm);
-        pattern_rows::<V, A, IO>(io, supers * lcm, 1, 0, &pa[..left], &pb[..left], act);
-    } else {
-        // Rows longer than a pattern: one segment of positions at a time,
-        // swept over every row.
-        let mut p0 = 0;
-        while p0 < period {
-            let len = (period - p0).min(SEGMENT);
-            coef.fill_positions(p0, div, &mut pa[..len], &mut pb[..len]);
-            pattern_rows::<V, A, IO>(io, p0, rows, period, &pa[..len], &pb[..len], act);
-            p0 += len;
+        let mut pa = [0.0f32; SEGMENT];
+        let mut pb = [0.0f32; SEGMENT];
+        if let Some(lcm) = lcm {
+            // Super-rows of `lcm` elements share one pattern; the partial last
+            // super-row uses a prefix of it. (`1 <= period <= lcm <= SEGMENT`:
+            // the `min`s and `max`es below only let the compiler see it.)
+            let period = period.min(lcm).max(1);
+            coef.fill_positions(0, div, &mut pa[..period], &mut pb[..period]);
+            repeat(&mut pa[..lcm], period);
+            repeat(&mut pb[..lcm], period);
+            let per = (lcm / period).max(1);
+            let supers = rows / per;
+            let (pa_, pb_) = (&pa[..lcm], &pb[..lcm]);
+            // A compact build keeps the flash of the register kernels for the
+            // shortest patterns only (one to four vectors: one to four
+            // channels, RGB included); 0 takes the last arm.
+            let nv = if COMPACT && lcm / w > 4 { 0 } else { lcm / w };
+            match nv {
+                // A short pattern lives in registers: one load per vector.
+                1 => super_rows::<V, A, IO, 1>(io, supers, pa_, pb_, act),
+                2 => super_rows::<V, A, IO, 2>(io, supers, pa_, pb_, act),
+                3 => super_rows::<V, A, IO, 3>(io, supers, pa_, pb_, act),
+                4 => super_rows::<V, A, IO, 4>(io, supers, pa_, pb_, act),
+                5 => super_rows::<V, A, IO, 5>(io, supers, pa_, pb_, act),
+                6 => super_rows::<V, A, IO, 6>(io, supers, pa_, pb_, act),
+                7 => super_rows::<V, A, IO, 7>(io, supers, pa_, pb_, act),
+                8 => super_rows::<V, A, IO, 8>(io, supers, pa_, pb_, act),
+                16 => super_rows::<V, A, IO, 16>(io, supers, pa_, pb_, act),
+                _ => pattern_rows::<V, A, IO>(io, 0, supers, lcm, pa_, pb_, act),
+            }
+            // Fewer than `per` rows are left, less than one pattern.
+            let left = ((rows - supers * per) * period).min(lcm);
+            pattern_rows::<V, A, IO>(io, supers * lcm, 1, 0, &pa[..left], &pb[..left], act);
+        } else {
+            // Rows longer than a pattern: one segment of positions at a time,
+            // swept over every row.
+            let mut p0 = 0;
+            while p0 < period {
+                let len = (period - p0).min(SEGMENT);
+                coef.fill_positions(p0, div, &mut pa[..len], &mut pb[..len]);
+                pattern_rows::<V, A, IO>(io, p0, rows, period, &pa[..len], &pb[..len], act);
+                p0 += len;
+            }
         }
-    }
+    })
 }

@@ -1,6 +1,8 @@
 //! Which lane width runs when one is forced (`Simd::effective`): a width
-//! the build does not compile falls back to the widest compiled one below
-//! it, and the fallback computes what the reference computes.
+//! the build does not compile, or the CPU does not run, falls back to the
+//! widest one below it that runs, and the fallback computes what the
+//! reference computes. On x86-64 the run-time detection (`cpuid`, no `std`)
+//! agrees with `std`'s.
 
 use batchnorm::{reference, Shape, Simd};
 
@@ -15,11 +17,15 @@ fn effective_is_a_compiled_width_no_wider_than_asked() {
     assert_eq!(Simd::Scalar.effective(), Simd::Scalar);
     // The width the free functions use is always compiled.
     assert_eq!(Simd::detect().effective(), Simd::detect());
-    // Every width is native with AVX-512, so every width is compiled.
-    if cfg!(all(target_arch = "x86_64", target_feature = "avx512f")) {
-        for simd in Simd::ALL {
-            assert_eq!(simd.effective(), simd);
-        }
+    // On x86-64 every width is compiled, and runs when the CPU has it.
+    #[cfg(all(target_arch = "x86_64", not(batchnorm_compact)))]
+    {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        assert_eq!(Simd::X4.effective(), Simd::X4);
+        assert_eq!(Simd::X8.effective() == Simd::X8, avx2);
+        assert_eq!(Simd::X16.effective() == Simd::X16, avx512 && avx2);
     }
     // Widening never narrows what runs.
     for pair in Simd::ALL.windows(2) {
@@ -51,4 +57,24 @@ fn every_forced_width_matches_the_reference() {
             );
         }
     }
+}
+
+/// `Simd::detect` on x86-64 is the crate's own `no_std` detector: it must
+/// say what `std::arch::is_x86_feature_detected!` says (which also checks
+/// that the OS saves the wide registers).
+#[cfg(all(target_arch = "x86_64", not(batchnorm_compact)))]
+#[test]
+fn detect_agrees_with_std() {
+    use std::arch::is_x86_feature_detected as has;
+    let want = if has!("avx512f") && has!("avx2") && has!("fma") {
+        Simd::X16
+    } else if has!("avx2") && has!("fma") {
+        Simd::X8
+    } else {
+        Simd::X4
+    };
+    assert_eq!(Simd::detect(), want);
+    // Cached: the same answer every time, from any thread.
+    let other = std::thread::spawn(Simd::detect).join().unwrap();
+    assert_eq!(other, want);
 }

@@ -73,18 +73,77 @@ pub fn label(bytes: usize) -> String {
     }
 }
 
+/// A buffer whose element 1 sits at a fixed byte offset into a 4 KiB page,
+/// so that every run of every build (and every A/B) sees the same
+/// alignments, whatever the allocator returns.
+pub struct Placed {
+    v: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for Placed {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.v[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Placed {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.v[self.start..self.start + self.len]
+    }
+}
+
+/// Page offsets (bytes) of element 1 of the inputs, the second input
+/// (`dy`) and the outputs: one float past a cache line (every load and
+/// store misaligned, as in a tensor sliced at an odd element), and a
+/// quarter or half page apart so that no load aliases a store.
+/// `BN_BENCH_OUT_AT` overrides the outputs' (4 puts them beside the input).
+pub const X_AT: usize = 4;
+pub const DY_AT: usize = 1024 + 4;
+pub fn out_at() -> usize {
+    std::env::var("BN_BENCH_OUT_AT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2048 + 4)
+}
+
+/// `values` copied to a buffer whose element 1 is at byte `at` of a page.
+pub fn placed(values: &[f32], at: usize) -> Placed {
+    let mut v = vec![0.0f32; values.len() + 2048];
+    let base = v.as_ptr() as usize;
+    // Element 0 at `at - 4` bytes into a page.
+    let want = (at + 4096 - 4) % 4096;
+    let start = ((want + 4096 - base % 4096) % 4096) / 4;
+    v[start..start + values.len()].copy_from_slice(values);
+    Placed {
+        v,
+        start,
+        len: values.len(),
+    }
+}
+
 /// `len` deterministic pseudo-random values around per-position offsets,
-/// starting one float into the buffer so every load is misaligned.
-pub fn input(len: usize) -> Vec<f32> {
+/// after one float (use `&buf[1..]`: every load is misaligned), element 1
+/// at [`X_AT`].
+pub fn input(len: usize) -> Placed {
     let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..len + 1)
+    let v: Vec<f32> = (0..len + 1)
         .map(|i| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             (i % 7) as f32 * 3.0 + (state >> 40) as f32 / (1u64 << 24) as f32
         })
-        .collect()
+        .collect();
+    placed(&v, X_AT)
+}
+
+/// `len + 1` zeros for an output (use `&mut out[1..]`), element 1 at
+/// [`out_at`].
+pub fn output(len: usize) -> Placed {
+    placed(&vec![0.0f32; len + 1], out_at())
 }
 
 /// Timing settings that keep a full default run to a few minutes on two
