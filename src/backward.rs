@@ -32,12 +32,16 @@
 //! lane (joined in a few more `f32` additions), then moved to `f64`: no
 //! `f32` sum ever grows over more than ~72 terms however large the batch.
 //! Periodic rows are read in memory order: a row of up to `2 * SLOTS`
-//! vectors is one register group (a shorter one unrolled over several rows
-//! in separate slots), a wider one is read in panels of [`PANEL_ROWS`] rows
-//! by column groups; the `dx` pass goes row by row, the coefficients of a
-//! wide row loaded beside each vector (reading a block of rows once per
-//! column group, coefficients in registers, ran at 0.4-0.6 of the limit at
-//! 8 and 64 MiB with 256 channels).
+//! vectors (`SLOTS / 2` with an activation mask, whose two coefficients
+//! per vector spilled a wider group) is one register group (a shorter one
+//! unrolled over several rows in separate slots), a wider one is read in
+//! panels of [`PANEL_ROWS`] rows by column groups; the `dx` pass of a wide
+//! row goes in panels of [`DX_PANEL`] rows by column groups of `SLOTS / 2`
+//! vectors with their coefficients in registers (loading them beside each
+//! vector was six loads per output vector, eight with a mask; reading a
+//! block of 64 rows once per column group ran at 0.4-0.6 of the limit at 8
+//! and 64 MiB with 256 channels), except in inference mode without a mask
+//! (one coefficient), which goes row by row loading it beside each vector.
 //! Layouts are walked as in [`normalize`](crate::normalize): contiguous
 //! NCHW runs with splatted coefficients; periodic tensors (NHWC, or NCHW
 //! with fewer spatial positions than lanes) by super-rows of `lcm(period,
@@ -694,6 +698,8 @@ impl Io for InPlace<'_> {
 
 /// The activation's derivative, resolved once per call.
 trait Mask: Copy {
+    /// Per-position coefficients the mask reads (`a`, `b`).
+    const COEFS: usize;
     /// `g` where the forward's `y = x * a + b` passes, 0 elsewhere.
     fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V;
 }
@@ -702,6 +708,7 @@ trait Mask: Copy {
 #[derive(Clone, Copy)]
 struct All;
 impl Mask for All {
+    const COEFS: usize = 0;
     #[inline(always)]
     fn keep<V: Lane>(self, _: V, _: V, _: V, g: V) -> V {
         g
@@ -712,6 +719,7 @@ impl Mask for All {
 #[derive(Clone, Copy)]
 struct Above(f32);
 impl Mask for Above {
+    const COEFS: usize = 2;
     #[inline(always)]
     fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V {
         x.mul_add(a, b).keep_above(V::splat(self.0), g)
@@ -722,6 +730,7 @@ impl Mask for Above {
 #[derive(Clone, Copy)]
 struct Inside(f32, f32);
 impl Mask for Inside {
+    const COEFS: usize = 2;
     #[inline(always)]
     fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V {
         let y = x.mul_add(a, b);
@@ -732,6 +741,8 @@ impl Mask for Inside {
 /// `dx` from the masked gradient `g`.
 trait Form: Copy {
     const MODE: Mode;
+    /// Per-position coefficients `dx` reads.
+    const COEFS: usize;
     fn dx<V: Lane>(self, g: V, x: V, k: Coefs<V>) -> V;
 }
 
@@ -740,6 +751,7 @@ trait Form: Copy {
 struct Train;
 impl Form for Train {
     const MODE: Mode = Mode::Training;
+    const COEFS: usize = 4;
     #[inline(always)]
     fn dx<V: Lane>(self, g: V, x: V, k: Coefs<V>) -> V {
         g.mul_add(k.p, x.sub(k.m).mul_add(k.q, k.r))
@@ -751,6 +763,7 @@ impl Form for Train {
 struct Infer;
 impl Form for Infer {
     const MODE: Mode = Mode::Inference;
+    const COEFS: usize = 1;
     #[inline(always)]
     fn dx<V: Lane>(self, g: V, _: V, k: Coefs<V>) -> V {
         g.mul(k.p)
@@ -927,12 +940,63 @@ impl Win {
             sgd,
             ..
         } = self;
+        // Four channels at a time in `f64x4` (one vector square root and
+        // division, the same operations as one at a time, so the same
+        // results); the rest, and compact builds, one at a time.
+        let mut k0 = 0;
+        if !COMPACT {
+            let f4 = |s: &[f32]| {
+                f64x4::new(core::array::from_fn(|j| {
+                    s.get(j).map_or(0.0, |&v| v as f64)
+                }))
+            };
+            let g4 =
+                |s: &[f64]| f64x4::new(core::array::from_fn(|j| s.get(j).copied().unwrap_or(0.0)));
+            let put = |o: &mut [f32], v: f64x4| {
+                for (o, v) in o.iter_mut().zip(v.to_array()) {
+                    *o = v as f32;
+                }
+            };
+            let (one, neg, pc, e) = (
+                f64x4::splat(1.0),
+                f64x4::splat(-1.0),
+                f64x4::splat(per_count),
+                f64x4::splat(eps),
+            );
+            let outs4 = ds.chunks_exact_mut(4).zip(dof.chunks_exact_mut(4));
+            let sums4 = sg.chunks_exact(4).zip(sgd.chunks_exact(4));
+            let coefs4 = p.chunks_exact_mut(4).zip(q.chunks_exact_mut(4));
+            let ins4 = var.chunks_exact(4).zip(outs4);
+            for (((v, (ds, dof)), (sg, sgd)), ((p, q), r)) in
+                ins4.zip(sums4).zip(coefs4.zip(r.chunks_exact_mut(4)))
+            {
+                let inv = one / (f4(v) + e).sqrt();
+                let sc = match scale.and_then(|s| s.get(k0..k0 + 4)) {
+                    Some(s) => f4(s),
+                    None => one,
+                };
+                let (sg, sgd) = (g4(sg), g4(sgd));
+                let dscale = sgd * inv;
+                let pk = sc * inv;
+                put(dof, sg);
+                put(ds, dscale);
+                put(p, pk);
+                if training {
+                    put(q, pk * inv * dscale * pc * neg);
+                    put(r, pk * sg * pc * neg);
+                } else {
+                    q.fill(0.0);
+                    r.fill(0.0);
+                }
+                k0 += 4;
+            }
+        }
         let sums = sg.iter().zip(sgd.iter());
         let coefs = p.iter_mut().zip(q.iter_mut()).zip(r.iter_mut());
         let chans = var.iter().zip(ds.iter_mut().zip(dof.iter_mut()));
         let mut inv4 = [0.0f64; 4];
         for (k, ((&v, (ds, dof)), ((&sg, &sgd), ((p, q), r)))) in
-            chans.zip(sums.zip(coefs)).enumerate()
+            chans.zip(sums.zip(coefs)).enumerate().skip(k0)
         {
             // `1 / sqrt(var + eps)` four channels at a time (one vector
             // square root and division), one at a time in compact builds.
@@ -1209,7 +1273,9 @@ fn run_sums<V: Lane, M: Mask>(
     if rx.is_empty() {
         return (tg, tgd);
     }
-    if w == 1 {
+    // A tail of fewer than four elements goes to one lane at once (the
+    // narrower widths would each find no whole vector).
+    if w == 1 || rx.len() < 4 {
         for (&xv, &dv) in rx.iter().zip(rd) {
             let g = mask.keep(xv, a, b, dv);
             tg += g as f64;
@@ -1222,22 +1288,47 @@ fn run_sums<V: Lane, M: Mask>(
     }
 }
 
-/// Largest number of `V` vectors in one register group of the sums pass.
-const fn one_group<V: Lane>() -> usize {
-    2 * V::SLOTS
+/// Largest number of `V` vectors in one register group of the sums pass:
+/// `2 * SLOTS` (the shifts spill, the sums stay), `SLOTS / 2` with a mask
+/// (with the mask's coefficients, 16 vectors spilled the sums: 0.56 -> 0.40
+/// of the limit with 256 channels at 256 KiB; 8 lost another 26%).
+const fn one_group<V: Lane, M: Mask>() -> usize {
+    if M::COEFS == 0 {
+        2 * V::SLOTS
+    } else {
+        col_group::<V, M>()
+    }
+}
+
+/// Largest number of `V` vectors in one column group of a wider row.
+const fn col_group<V: Lane, M: Mask>() -> usize {
+    if M::COEFS == 0 {
+        V::SLOTS
+    } else {
+        let g = V::SLOTS / 2;
+        if g == 0 {
+            1
+        } else {
+            g
+        }
+    }
 }
 
 /// Pass 1 over a strip: blocks of at most [`INNER`] rows. A row of at most
 /// [`one_group`] vectors is summed in one register group, rows in memory
 /// order; wider rows in panels of [`PANEL_ROWS`] rows, each swept by
-/// balanced column groups of at most `SLOTS` vectors. Register sums go to
+/// balanced column groups of at most [`col_group`] vectors. Register sums go to
 /// the `f32` block sums, and those to the `f64` sums after every block.
 /// Then the tail columns with narrower lanes.
 fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
     let w = V::WIDTH;
     let nv = t.len / w;
-    let one = nv <= one_group::<V>();
-    let groups = if one { 1 } else { nv.div_ceil(V::SLOTS) };
+    let one = nv <= one_group::<V, M>();
+    let groups = if one {
+        1
+    } else {
+        nv.div_ceil(col_group::<V, M>())
+    };
     let (size, longer) = (div(nv, groups), nv % groups.max(1));
     // A short group sums `unroll` rows at once, each in its own slot: a
     // block is `INNER` rows per slot.
@@ -1288,7 +1379,7 @@ fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, 
 /// [`sums_group`] for `nv` (1 to [`one_group`]) vectors.
 #[inline(always)]
 fn sums_nv<V: Lane, M: Mask>(nv: usize, x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
-    match nv.min(one_group::<V>()) {
+    match nv.min(one_group::<V, M>().max(col_group::<V, M>())) {
         1 => sums_group::<V, M, 1>(x, dy, t, win, mask),
         2 => sums_group::<V, M, 2>(x, dy, t, win, mask),
         3 => sums_group::<V, M, 3>(x, dy, t, win, mask),
@@ -1446,33 +1537,59 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     io.map::<V>(start, whole, |x, dy| {
         form.dx(mask.keep(x, k.a, k.b, dy), x, k)
     });
-    if V::WIDTH > 1 && whole < len {
+    if V::WIDTH > 1 && whole + 4 <= len {
         run_dx::<V::Half, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
+    } else if V::WIDTH > 1 && whole < len {
+        run_dx::<f32, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
     }
 }
 
-/// `dx` of a strip, rows in memory order: a row of up to `SLOTS / 2`
-/// vectors with its coefficients in registers, a wider one with them loaded
-/// from the window beside each vector; then the tail columns with narrower
+/// `dx` of a strip: a row of up to `SLOTS / 2` vectors with its
+/// coefficients in registers, rows in memory order; a wider one in panels
+/// of [`DX_PANEL`] rows by column groups of at most `SLOTS / 2` vectors,
+/// coefficients in registers (or, in inference mode without a mask, and
+/// for fewer rows than a panel, row by row with the coefficients loaded
+/// from the window beside each vector); then the tail columns with narrower
 /// lanes.
 fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
     let w = V::WIDTH;
     let nv = t.len / w;
     let sub = Strip { len: nv * w, ..t };
-    if nv > (V::SLOTS / 2).max(1) {
+    let most = (V::SLOTS / 2).max(1);
+    // Inference without a mask reads one coefficient per vector: beside
+    // each vector it costs less than the panels' strided rows.
+    let panels = F::COEFS + M::COEFS > 1 && t.rows >= DX_PANEL;
+    if nv > most && !panels {
         if let Some(pat) = win.pat(t.off, t.off + nv * w) {
             io.map_rows_pat::<V>(t.start, t.rows, t.stride, pat, |x, dy, c| {
                 form.dx(mask.keep(x, c.a, c.b, dy), x, c)
             });
         }
-    } else {
-        match nv {
-            0 => {}
-            1 => dx_group::<V, M, F, IO, 1>(io, sub, win, mask, form),
-            2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),
-            3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
-            _ => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
+    } else if nv > most {
+        // Panels of `DX_PANEL` rows, each swept by balanced column groups
+        // of at most `most` vectors with their coefficients in registers.
+        let groups = nv.div_ceil(most);
+        let (size, longer) = (div(nv, groups), nv % groups.max(1));
+        let mut r0 = 0;
+        while r0 < t.rows {
+            let pr = (t.rows - r0).min(DX_PANEL);
+            let mut v0 = 0;
+            for gi in 0..groups {
+                let n = size + usize::from(gi < longer);
+                let g = Strip {
+                    start: t.start + r0 * t.stride + v0 * w,
+                    rows: pr,
+                    len: n * w,
+                    off: t.off + v0 * w,
+                    ..t
+                };
+                dx_nv::<V, M, F, IO>(n, io, g, win, mask, form);
+                v0 += n;
+            }
+            r0 += pr;
         }
+    } else {
+        dx_nv::<V, M, F, IO>(nv, io, sub, win, mask, form);
     }
     let whole = nv * w;
     if w > 1 && whole < t.len {
@@ -1483,6 +1600,31 @@ fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win,
             ..t
         };
         dx_strip::<V::Half, M, F, IO>(io, tail, win, mask, form);
+    }
+}
+
+/// Rows of a panel of the `dx` pass for rows wider than `SLOTS / 2`
+/// vectors: each column group's coefficients are loaded once per panel
+/// (4, 8 and 16 rows measured alike with 256 channels at 256 KiB; 16 lost
+/// 10% with 1000 channels, AMD EPYC Zen 4).
+const DX_PANEL: usize = 4;
+
+/// [`dx_group`] for `nv` (0 to 4) vectors.
+#[inline(always)]
+fn dx_nv<V: Lane, M: Mask, F: Form, IO: Io>(
+    nv: usize,
+    io: &mut IO,
+    t: Strip,
+    win: &Win,
+    mask: M,
+    form: F,
+) {
+    match nv {
+        0 => {}
+        1 => dx_group::<V, M, F, IO, 1>(io, t, win, mask, form),
+        2 => dx_group::<V, M, F, IO, 2>(io, t, win, mask, form),
+        3 => dx_group::<V, M, F, IO, 3>(io, t, win, mask, form),
+        _ => dx_group::<V, M, F, IO, 4>(io, t, win, mask, form),
     }
 }
 
