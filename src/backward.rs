@@ -32,12 +32,16 @@
 //! lane (joined in a few more `f32` additions), then moved to `f64`: no
 //! `f32` sum ever grows over more than ~72 terms however large the batch.
 //! Periodic rows are read in memory order: a row of up to `2 * SLOTS`
-//! vectors is one register group (a shorter one unrolled over several rows
-//! in separate slots), a wider one is read in panels of [`PANEL_ROWS`] rows
-//! by column groups; the `dx` pass goes row by row, the coefficients of a
-//! wide row loaded beside each vector (reading a block of rows once per
-//! column group, coefficients in registers, ran at 0.4-0.6 of the limit at
-//! 8 and 64 MiB with 256 channels).
+//! vectors (`SLOTS / 2` with an activation mask, whose two coefficients
+//! per vector spilled a wider group) is one register group (a shorter one
+//! unrolled over several rows in separate slots), a wider one is read in
+//! panels of [`PANEL_ROWS`] rows by column groups; the `dx` pass of a wide
+//! row goes in panels of [`DX_PANEL`] rows by column groups of `SLOTS / 2`
+//! vectors with their coefficients in registers (loading them beside each
+//! vector was six loads per output vector, eight with a mask; reading a
+//! block of 64 rows once per column group ran at 0.4-0.6 of the limit at 8
+//! and 64 MiB with 256 channels), except in inference mode without a mask
+//! (one coefficient), which goes row by row loading it beside each vector.
 //! Layouts are walked as in [`normalize`](crate::normalize): contiguous
 //! NCHW runs with splatted coefficients; periodic tensors (NHWC, or NCHW
 //! with fewer spatial positions than lanes) by super-rows of `lcm(period,
@@ -709,6 +713,8 @@ impl Io for InPlace<'_> {
 
 /// The activation's derivative, resolved once per call.
 trait Mask: Copy {
+    /// Per-position coefficients the mask reads (`a`, `b`).
+    const COEFS: usize;
     /// `g` where the forward's `y = x * a + b` passes, 0 elsewhere.
     fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V;
 }
@@ -717,6 +723,7 @@ trait Mask: Copy {
 #[derive(Clone, Copy)]
 struct All;
 impl Mask for All {
+    const COEFS: usize = 0;
     #[inline(always)]
     fn keep<V: Lane>(self, _: V, _: V, _: V, g: V) -> V {
         g
@@ -727,6 +734,7 @@ impl Mask for All {
 #[derive(Clone, Copy)]
 struct Above(f32);
 impl Mask for Above {
+    const COEFS: usize = 2;
     #[inline(always)]
     fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V {
         x.mul_add(a, b).keep_above(V::splat(self.0), g)
@@ -737,6 +745,7 @@ impl Mask for Above {
 #[derive(Clone, Copy)]
 struct Inside(f32, f32);
 impl Mask for Inside {
+    const COEFS: usize = 2;
     #[inline(always)]
     fn keep<V: Lane>(self, x: V, a: V, b: V, g: V) -> V {
         let y = x.mul_add(a, b);
@@ -747,6 +756,8 @@ impl Mask for Inside {
 /// `dx` from the masked gradient `g`.
 trait Form: Copy {
     const MODE: Mode;
+    /// Per-position coefficients `dx` reads.
+    const COEFS: usize;
     fn dx<V: Lane>(self, g: V, x: V, k: Coefs<V>) -> V;
 }
 
@@ -755,6 +766,7 @@ trait Form: Copy {
 struct Train;
 impl Form for Train {
     const MODE: Mode = Mode::Training;
+    const COEFS: usize = 4;
     #[inline(always)]
     fn dx<V: Lane>(self, g: V, x: V, k: Coefs<V>) -> V {
         g.mul_add(k.p, x.sub(k.m).mul_add(k.q, k.r))
@@ -766,6 +778,7 @@ impl Form for Train {
 struct Infer;
 impl Form for Infer {
     const MODE: Mode = Mode::Inference;
+    const COEFS: usize = 1;
     #[inline(always)]
     fn dx<V: Lane>(self, g: V, _: V, k: Coefs<V>) -> V {
         g.mul(k.p)
@@ -942,12 +955,63 @@ impl Win {
             sgd,
             ..
         } = self;
+        // Four channels at a time in `f64x4` (one vector square root and
+        // division, the same operations as one at a time, so the same
+        // results); the rest, and compact builds, one at a time.
+        let mut k0 = 0;
+        if !COMPACT {
+            let f4 = |s: &[f32]| {
+                f64x4::new(core::array::from_fn(|j| {
+                    s.get(j).map_or(0.0, |&v| v as f64)
+                }))
+            };
+            let g4 =
+                |s: &[f64]| f64x4::new(core::array::from_fn(|j| s.get(j).copied().unwrap_or(0.0)));
+            let put = |o: &mut [f32], v: f64x4| {
+                for (o, v) in o.iter_mut().zip(v.to_array()) {
+                    *o = v as f32;
+                }
+            };
+            let (one, neg, pc, e) = (
+                f64x4::splat(1.0),
+                f64x4::splat(-1.0),
+                f64x4::splat(per_count),
+                f64x4::splat(eps),
+            );
+            let outs4 = ds.chunks_exact_mut(4).zip(dof.chunks_exact_mut(4));
+            let sums4 = sg.chunks_exact(4).zip(sgd.chunks_exact(4));
+            let coefs4 = p.chunks_exact_mut(4).zip(q.chunks_exact_mut(4));
+            let ins4 = var.chunks_exact(4).zip(outs4);
+            for (((v, (ds, dof)), (sg, sgd)), ((p, q), r)) in
+                ins4.zip(sums4).zip(coefs4.zip(r.chunks_exact_mut(4)))
+            {
+                let inv = one / (f4(v) + e).sqrt();
+                let sc = match scale.and_then(|s| s.get(k0..k0 + 4)) {
+                    Some(s) => f4(s),
+                    None => one,
+                };
+                let (sg, sgd) = (g4(sg), g4(sgd));
+                let dscale = sgd * inv;
+                let pk = sc * inv;
+                put(dof, sg);
+                put(ds, dscale);
+                put(p, pk);
+                if training {
+                    put(q, pk * inv * dscale * pc * neg);
+                    put(r, pk * sg * pc * neg);
+                } else {
+                    q.fill(0.0);
+                    r.fill(0.0);
+                }
+                k0 += 4;
+            }
+        }
         let sums = sg.iter().zip(sgd.iter());
         let coefs = p.iter_mut().zip(q.iter_mut()).zip(r.iter_mut());
         let chans = var.iter().zip(ds.iter_mut().zip(dof.iter_mut()));
         let mut inv4 = [0.0f64; 4];
         for (k, ((&v, (ds, dof)), ((&sg, &sgd), ((p, q), r)))) in
-            chans.zip(sums.zip(coefs)).enumerate()
+            chans.zip(sums.zip(coefs)).enumerate().skip(k0)
         {
             // `1 / sqrt(var + eps)` four channels at a time (one vector
             // square root and division), one at a time in compact builds.
@@ -1041,70 +1105,52 @@ fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
     mut outs: Outs<'_>,
 ) {
     enabled!(V => {
-        let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
-        let count = (n * s) as f64;
-        let mode = F::MODE;
-        let masked = params.activation != Activation::None;
-        let mut win = Win::new();
-        match shape.layout {
-            Layout::Nchw if s >= V::WIDTH => {
-                for (k, ch) in win.ch.iter_mut().enumerate() {
-                    *ch = k as u16;
-                }
-                let mut c0 = 0;
-                while c0 < c {
-                    let cw = (c - c0).min(WINDOW);
-                    win.start(params, c0, cw, cw, masked);
-                    let (x, dy) = (io.x(), io.dy());
-                    for i in 0..n {
-                        for k in 0..cw {
-                            let r = (i * c + c0 + k) * s..(i * c + c0 + k + 1) * s;
-                            let (Some(xr), Some(dr)) = (x.get(r.clone()), dy.get(r)) else {
-                                continue;
-                            };
-                            let (g, gd) =
-                                run_sums::<V, M>(xr, dr, (win.a[k], win.b[k], win.m[k]), mask);
-                            win.sg[k] += g;
-                            win.sgd[k] += gd;
-                        }
-                    }
-                    win.finish(params, mode, count, c0, cw, cw, &mut outs);
-                    for i in 0..n {
-                        for k in 0..cw {
-                            let Some(pat) = win.pat(k, k + 1) else {
-                                continue;
-                            };
-                            run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, pat, mask, form);
-                        }
-                    }
-                    c0 += cw;
-                }
+    let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
+    let count = (n * s) as f64;
+    let mode = F::MODE;
+    let masked = params.activation != Activation::None;
+    let mut win = Win::new();
+    match shape.layout {
+        Layout::Nchw if s >= V::WIDTH => {
+            for (k, ch) in win.ch.iter_mut().enumerate() {
+                *ch = k as u16;
             }
-            Layout::Nchw => periodic::<V, M, F, IO>(
-                io,
-                c * s,
-                s,
-                n,
-                count,
-                params,
-                &mut win,
-                mask,
-                form,
-                outs,
-            ),
-            Layout::Nhwc => periodic::<V, M, F, IO>(
-                io,
-                c,
-                1,
-                n * s,
-                count,
-                params,
-                &mut win,
-                mask,
-                form,
-                outs,
-            ),
+            let mut c0 = 0;
+            while c0 < c {
+                let cw = (c - c0).min(WINDOW);
+                win.start(params, c0, cw, cw, masked);
+                let (x, dy) = (io.x(), io.dy());
+                for i in 0..n {
+                    for k in 0..cw {
+                        let r = (i * c + c0 + k) * s..(i * c + c0 + k + 1) * s;
+                        let (Some(xr), Some(dr)) = (x.get(r.clone()), dy.get(r)) else {
+                            continue;
+                        };
+                        let (g, gd) =
+                            run_sums::<V, M>(xr, dr, (win.a[k], win.b[k], win.m[k]), mask);
+                        win.sg[k] += g;
+                        win.sgd[k] += gd;
+                    }
+                }
+                win.finish(params, mode, count, c0, cw, cw, &mut outs);
+                for i in 0..n {
+                    for k in 0..cw {
+                        let Some(pat) = win.pat(k, k + 1) else {
+                            continue;
+                        };
+                        run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, pat, mask, form);
+                    }
+                }
+                c0 += cw;
+            }
         }
+        Layout::Nchw => {
+            periodic::<V, M, F, IO>(io, c * s, s, n, count, params, &mut win, mask, form, outs)
+        }
+        Layout::Nhwc => {
+            periodic::<V, M, F, IO>(io, c, 1, n * s, count, params, &mut win, mask, form, outs)
+        }
+    }
     })
 }
 
@@ -1135,69 +1181,69 @@ fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
     mut outs: Outs<'_>,
 ) {
     enabled!(V => {
-        let w = V::WIDTH;
-        let mode = F::MODE;
-        let masked = params.activation != Activation::None;
-        let lcm = div(period, gcd(period, w)) * w;
-        let channels = div(period, dv);
-        let mut both = |io: &mut IO, win: &mut Win, c0: usize, cw: usize, strips: &[Strip]| {
-            let npos = strips.first().map_or(0, |t| t.len.max(t.off));
-            let npos = strips.iter().fold(npos, |a, t| a.max(t.off + t.len));
-            win.start(params, c0, cw, npos, masked);
-            for &t in strips {
-                sums_strip::<V, M>(io.x(), io.dy(), t, win, mask);
-            }
-            win.finish(params, mode, count, c0, cw, npos, &mut outs);
-            for &t in strips {
-                dx_strip::<V, M, F, IO>(io, t, win, mask, form);
-            }
-        };
-        if lcm <= WINDOW {
-            // Super-rows of `lcm` elements share one pattern; the partial last
-            // super-row is one row of a prefix of it.
-            for (j, ch) in win.ch.iter_mut().enumerate().take(lcm) {
-                *ch = div(j % period.max(1), dv) as u16;
-            }
-            let per = div(lcm, period);
-            let supers = div(rows, per);
-            let left = (rows - supers * per) * period;
-            let strips = [
-                Strip {
-                    start: 0,
-                    rows: supers,
-                    stride: lcm,
-                    len: lcm,
-                    off: 0,
-                },
-                Strip {
-                    start: supers * lcm,
-                    rows: 1,
-                    stride: lcm,
-                    len: left,
-                    off: 0,
-                },
-            ];
-            both(io, win, 0, channels, &strips);
-        } else {
-            // Strips of whole channels swept over every row.
-            let cmax = div(WINDOW, dv).max(1);
-            for (j, ch) in win.ch.iter_mut().enumerate() {
-                *ch = div(j, dv) as u16;
-            }
-            let mut c0 = 0;
-            while c0 < channels {
-                let cw = (channels - c0).min(cmax);
-                let strip = Strip {
-                    start: c0 * dv,
-                    rows,
-                    stride: period,
-                    len: cw * dv,
-                    off: 0,
-                };
-                both(io, win, c0, cw, &[strip]);
-                c0 += cw;
-            }
+    let w = V::WIDTH;
+    let mode = F::MODE;
+    let masked = params.activation != Activation::None;
+    let lcm = div(period, gcd(period, w)) * w;
+    let channels = div(period, dv);
+    let mut both = |io: &mut IO, win: &mut Win, c0: usize, cw: usize, strips: &[Strip]| {
+        let npos = strips.first().map_or(0, |t| t.len.max(t.off));
+        let npos = strips.iter().fold(npos, |a, t| a.max(t.off + t.len));
+        win.start(params, c0, cw, npos, masked);
+        for &t in strips {
+            sums_strip::<V, M>(io.x(), io.dy(), t, win, mask);
         }
+        win.finish(params, mode, count, c0, cw, npos, &mut outs);
+        for &t in strips {
+            dx_strip::<V, M, F, IO>(io, t, win, mask, form);
+        }
+    };
+    if lcm <= WINDOW {
+        // Super-rows of `lcm` elements share one pattern; the partial last
+        // super-row is one row of a prefix of it.
+        for (j, ch) in win.ch.iter_mut().enumerate().take(lcm) {
+            *ch = div(j % period.max(1), dv) as u16;
+        }
+        let per = div(lcm, period);
+        let supers = div(rows, per);
+        let left = (rows - supers * per) * period;
+        let strips = [
+            Strip {
+                start: 0,
+                rows: supers,
+                stride: lcm,
+                len: lcm,
+                off: 0,
+            },
+            Strip {
+                start: supers * lcm,
+                rows: 1,
+                stride: lcm,
+                len: left,
+                off: 0,
+            },
+        ];
+        both(io, win, 0, channels, &strips);
+    } else {
+        // Strips of whole channels swept over every row.
+        let cmax = div(WINDOW, dv).max(1);
+        for (j, ch) in win.ch.iter_mut().enumerate() {
+            *ch = div(j, dv) as u16;
+        }
+        let mut c0 = 0;
+        while c0 < channels {
+            let cw = (channels - c0).min(cmax);
+            let strip = Strip {
+                start: c0 * dv,
+                rows,
+                stride: period,
+                len: cw * dv,
+                off: 0,
+            };
+            both(io, win, c0, cw, &[strip]);
+            c0 += cw;
+        }
+    }
     })
 }
 
@@ -1214,122 +1260,149 @@ fn run_sums<V: Lane, M: Mask>(
     mask: M,
 ) -> (f64, f64) {
     enabled!(V => {
-        const K: usize = 4;
-        let w = V::WIDTH;
-        let (va, vb, vm) = (V::splat(a), V::splat(b), V::splat(m));
-        let (mut tg, mut tgd) = (0.0f64, 0.0f64);
-        let mut xs = x.chunks_exact(K * w);
-        let mut ds = dy.chunks_exact(K * w);
-        loop {
-            let mut sg = [V::splat(0.0); K];
-            let mut sgd = [V::splat(0.0); K];
-            let mut taken = 0;
-            for (xc, dc) in (&mut xs).zip(&mut ds).take(INNER) {
-                for k in 0..K {
-                    let xv = V::load(&xc[k * w..]);
-                    let g = mask.keep(xv, va, vb, V::load(&dc[k * w..]));
-                    sg[k] = sg[k].add(g);
-                    sgd[k] = g.mul_add(xv.sub(vm), sgd[k]);
-                }
-                taken += 1;
+    const K: usize = 4;
+    let w = V::WIDTH;
+    let (va, vb, vm) = (V::splat(a), V::splat(b), V::splat(m));
+    let (mut tg, mut tgd) = (0.0f64, 0.0f64);
+    let mut xs = x.chunks_exact(K * w);
+    let mut ds = dy.chunks_exact(K * w);
+    loop {
+        let mut sg = [V::splat(0.0); K];
+        let mut sgd = [V::splat(0.0); K];
+        let mut taken = 0;
+        for (xc, dc) in (&mut xs).zip(&mut ds).take(INNER) {
+            for k in 0..K {
+                let xv = V::load(&xc[k * w..]);
+                let g = mask.keep(xv, va, vb, V::load(&dc[k * w..]));
+                sg[k] = sg[k].add(g);
+                sgd[k] = g.mul_add(xv.sub(vm), sgd[k]);
             }
-            if taken == 0 {
-                break;
-            }
-            // Two f32 levels join the accumulators, at most five the lanes.
-            tg += sg[0].add(sg[1]).add(sg[2].add(sg[3])).reduce_add() as f64;
-            tgd += sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])).reduce_add() as f64;
-            if taken < INNER {
-                break;
-            }
+            taken += 1;
         }
-        let (rx, rd) = (xs.remainder(), ds.remainder());
-        if rx.is_empty() {
-            return (tg, tgd);
+        if taken == 0 {
+            break;
         }
-        if w == 1 {
-            for (&xv, &dv) in rx.iter().zip(rd) {
-                let g = mask.keep(xv, a, b, dv);
-                tg += g as f64;
-                tgd += (g * (xv - m)) as f64;
-            }
-            (tg, tgd)
-        } else {
-            let (g, gd) = run_sums::<V::Half, M>(rx, rd, (a, b, m), mask);
-            (tg + g, tgd + gd)
+        // Two f32 levels join the accumulators, at most five the lanes.
+        tg += sg[0].add(sg[1]).add(sg[2].add(sg[3])).reduce_add() as f64;
+        tgd += sgd[0].add(sgd[1]).add(sgd[2].add(sgd[3])).reduce_add() as f64;
+        if taken < INNER {
+            break;
         }
+    }
+    let (rx, rd) = (xs.remainder(), ds.remainder());
+    if rx.is_empty() {
+        return (tg, tgd);
+    }
+    // A tail of fewer than four elements goes to one lane at once (the
+    // narrower widths would each find no whole vector).
+    if w == 1 || rx.len() < 4 {
+        for (&xv, &dv) in rx.iter().zip(rd) {
+            let g = mask.keep(xv, a, b, dv);
+            tg += g as f64;
+            tgd += (g * (xv - m)) as f64;
+        }
+        (tg, tgd)
+    } else {
+        let (g, gd) = run_sums::<V::Half, M>(rx, rd, (a, b, m), mask);
+        (tg + g, tgd + gd)
+    }
     })
 }
 
-/// Largest number of `V` vectors in one register group of the sums pass.
-const fn one_group<V: Lane>() -> usize {
-    2 * V::SLOTS
+/// Largest number of `V` vectors in one register group of the sums pass:
+/// `2 * SLOTS` (the shifts spill, the sums stay), `SLOTS / 2` with a mask
+/// (with the mask's coefficients, 16 vectors spilled the sums: 0.56 -> 0.40
+/// of the limit with 256 channels at 256 KiB; 8 lost another 26%).
+const fn one_group<V: Lane, M: Mask>() -> usize {
+    if M::COEFS == 0 {
+        2 * V::SLOTS
+    } else {
+        col_group::<V, M>()
+    }
+}
+
+/// Largest number of `V` vectors in one column group of a wider row.
+const fn col_group<V: Lane, M: Mask>() -> usize {
+    if M::COEFS == 0 {
+        V::SLOTS
+    } else {
+        let g = V::SLOTS / 2;
+        if g == 0 {
+            1
+        } else {
+            g
+        }
+    }
 }
 
 /// Pass 1 over a strip: blocks of at most [`INNER`] rows. A row of at most
 /// [`one_group`] vectors is summed in one register group, rows in memory
 /// order; wider rows in panels of [`PANEL_ROWS`] rows, each swept by
-/// balanced column groups of at most `SLOTS` vectors. Register sums go to
+/// balanced column groups of at most [`col_group`] vectors. Register sums go to
 /// the `f32` block sums, and those to the `f64` sums after every block.
 /// Then the tail columns with narrower lanes.
 fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
     enabled!(V => {
-        let w = V::WIDTH;
-        let nv = t.len / w;
-        let one = nv <= one_group::<V>();
-        let groups = if one { 1 } else { nv.div_ceil(V::SLOTS) };
-        let (size, longer) = (div(nv, groups), nv % groups.max(1));
-        // A short group sums `unroll` rows at once, each in its own slot: a
-        // block is `INNER` rows per slot.
-        let unroll = if one {
-            (V::SLOTS / nv.max(1)).max(1)
-        } else {
-            1
-        };
-        let block = INNER * unroll;
-        let panel = if one { block } else { PANEL_ROWS };
-        let mut r0 = 0;
-        while nv > 0 && r0 < t.rows {
-            let rb = (t.rows - r0).min(block);
-            let mut p0 = 0;
-            while p0 < rb {
-                let pr = (rb - p0).min(panel);
-                let start = t.start + (r0 + p0) * t.stride;
-                let mut v0 = 0;
-                for gi in 0..groups {
-                    let n = size + usize::from(gi < longer);
-                    let sub = Strip {
-                        start: start + v0 * w,
-                        rows: pr,
-                        len: n * w,
-                        off: t.off + v0 * w,
-                        ..t
-                    };
-                    sums_nv::<V, M>(n, x, dy, sub, win, mask);
-                    v0 += n;
-                }
-                p0 += pr;
+    let w = V::WIDTH;
+    let nv = t.len / w;
+    let one = nv <= one_group::<V, M>();
+    let groups = if one {
+        1
+    } else {
+        nv.div_ceil(col_group::<V, M>())
+    };
+    let (size, longer) = (div(nv, groups), nv % groups.max(1));
+    // A short group sums `unroll` rows at once, each in its own slot: a
+    // block is `INNER` rows per slot.
+    let unroll = if one {
+        (V::SLOTS / nv.max(1)).max(1)
+    } else {
+        1
+    };
+    let block = INNER * unroll;
+    let panel = if one { block } else { PANEL_ROWS };
+    let mut r0 = 0;
+    while nv > 0 && r0 < t.rows {
+        let rb = (t.rows - r0).min(block);
+        let mut p0 = 0;
+        while p0 < rb {
+            let pr = (rb - p0).min(panel);
+            let start = t.start + (r0 + p0) * t.stride;
+            let mut v0 = 0;
+            for gi in 0..groups {
+                let n = size + usize::from(gi < longer);
+                let sub = Strip {
+                    start: start + v0 * w,
+                    rows: pr,
+                    len: n * w,
+                    off: t.off + v0 * w,
+                    ..t
+                };
+                sums_nv::<V, M>(n, x, dy, sub, win, mask);
+                v0 += n;
             }
-            win.flush_block(t.off, nv * w);
-            r0 += rb;
+            p0 += pr;
         }
-        let whole = nv * w;
-        if w > 1 && whole < t.len {
-            let tail = Strip {
-                start: t.start + whole,
-                len: t.len - whole,
-                off: t.off + whole,
-                ..t
-            };
-            sums_strip::<V::Half, M>(x, dy, tail, win, mask);
-        }
+        win.flush_block(t.off, nv * w);
+        r0 += rb;
+    }
+    let whole = nv * w;
+    if w > 1 && whole < t.len {
+        let tail = Strip {
+            start: t.start + whole,
+            len: t.len - whole,
+            off: t.off + whole,
+            ..t
+        };
+        sums_strip::<V::Half, M>(x, dy, tail, win, mask);
+    }
     })
 }
 
 /// [`sums_group`] for `nv` (1 to [`one_group`]) vectors.
 #[inline(always)]
 fn sums_nv<V: Lane, M: Mask>(nv: usize, x: &[f32], dy: &[f32], t: Strip, win: &mut Win, mask: M) {
-    match nv.min(one_group::<V>()) {
+    match nv.min(one_group::<V, M>().max(col_group::<V, M>())) {
         1 => sums_group::<V, M, 1>(x, dy, t, win, mask),
         2 => sums_group::<V, M, 2>(x, dy, t, win, mask),
         3 => sums_group::<V, M, 3>(x, dy, t, win, mask),
@@ -1490,60 +1563,111 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     form: F,
 ) {
     enabled!(V => {
-        let one = |s: &[f32]| V::splat(s.first().copied().unwrap_or(0.0));
-        let k = Coefs {
-            a: one(pat.a),
-            b: one(pat.b),
-            m: one(pat.m),
-            p: one(pat.p),
-            q: one(pat.q),
-            r: one(pat.r),
-        };
-        let whole = len / V::WIDTH * V::WIDTH;
-        io.map::<V>(start, whole, |x, dy| {
-            form.dx(mask.keep(x, k.a, k.b, dy), x, k)
-        });
-        if V::WIDTH > 1 && whole < len {
-            run_dx::<V::Half, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
-        }
+    let one = |s: &[f32]| V::splat(s.first().copied().unwrap_or(0.0));
+    let k = Coefs {
+        a: one(pat.a),
+        b: one(pat.b),
+        m: one(pat.m),
+        p: one(pat.p),
+        q: one(pat.q),
+        r: one(pat.r),
+    };
+    let whole = len / V::WIDTH * V::WIDTH;
+    io.map::<V>(start, whole, |x, dy| {
+        form.dx(mask.keep(x, k.a, k.b, dy), x, k)
+    });
+    if V::WIDTH > 1 && whole + 4 <= len {
+        run_dx::<V::Half, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
+    } else if V::WIDTH > 1 && whole < len {
+        run_dx::<f32, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
+    }
     })
 }
 
-/// `dx` of a strip, rows in memory order: a row of up to `SLOTS / 2`
-/// vectors with its coefficients in registers, a wider one with them loaded
-/// from the window beside each vector; then the tail columns with narrower
+/// `dx` of a strip: a row of up to `SLOTS / 2` vectors with its
+/// coefficients in registers, rows in memory order; a wider one in panels
+/// of [`DX_PANEL`] rows by column groups of at most `SLOTS / 2` vectors,
+/// coefficients in registers (or, in inference mode without a mask, and
+/// for fewer rows than a panel, row by row with the coefficients loaded
+/// from the window beside each vector); then the tail columns with narrower
 /// lanes.
 fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
     enabled!(V => {
-        let w = V::WIDTH;
-        let nv = t.len / w;
-        let sub = Strip { len: nv * w, ..t };
-        if nv > (V::SLOTS / 2).max(1) {
-            if let Some(pat) = win.pat(t.off, t.off + nv * w) {
-                io.map_rows_pat::<V>(t.start, t.rows, t.stride, pat, |x, dy, c| {
-                    form.dx(mask.keep(x, c.a, c.b, dy), x, c)
-                });
-            }
-        } else {
-            match nv {
-                0 => {}
-                1 => dx_group::<V, M, F, IO, 1>(io, sub, win, mask, form),
-                2 => dx_group::<V, M, F, IO, 2>(io, sub, win, mask, form),
-                3 => dx_group::<V, M, F, IO, 3>(io, sub, win, mask, form),
-                _ => dx_group::<V, M, F, IO, 4>(io, sub, win, mask, form),
-            }
+    let w = V::WIDTH;
+    let nv = t.len / w;
+    let sub = Strip { len: nv * w, ..t };
+    let most = (V::SLOTS / 2).max(1);
+    // Inference without a mask reads one coefficient per vector: beside
+    // each vector it costs less than the panels' strided rows.
+    let panels = F::COEFS + M::COEFS > 1 && t.rows >= DX_PANEL;
+    if nv > most && !panels {
+        if let Some(pat) = win.pat(t.off, t.off + nv * w) {
+            io.map_rows_pat::<V>(t.start, t.rows, t.stride, pat, |x, dy, c| {
+                form.dx(mask.keep(x, c.a, c.b, dy), x, c)
+            });
         }
-        let whole = nv * w;
-        if w > 1 && whole < t.len {
-            let tail = Strip {
-                start: t.start + whole,
-                len: t.len - whole,
-                off: t.off + whole,
-                ..t
-            };
-            dx_strip::<V::Half, M, F, IO>(io, tail, win, mask, form);
+    } else if nv > most {
+        // Panels of `DX_PANEL` rows, each swept by balanced column groups
+        // of at most `most` vectors with their coefficients in registers.
+        let groups = nv.div_ceil(most);
+        let (size, longer) = (div(nv, groups), nv % groups.max(1));
+        let mut r0 = 0;
+        while r0 < t.rows {
+            let pr = (t.rows - r0).min(DX_PANEL);
+            let mut v0 = 0;
+            for gi in 0..groups {
+                let n = size + usize::from(gi < longer);
+                let g = Strip {
+                    start: t.start + r0 * t.stride + v0 * w,
+                    rows: pr,
+                    len: n * w,
+                    off: t.off + v0 * w,
+                    ..t
+                };
+                dx_nv::<V, M, F, IO>(n, io, g, win, mask, form);
+                v0 += n;
+            }
+            r0 += pr;
         }
+    } else {
+        dx_nv::<V, M, F, IO>(nv, io, sub, win, mask, form);
+    }
+    let whole = nv * w;
+    if w > 1 && whole < t.len {
+        let tail = Strip {
+            start: t.start + whole,
+            len: t.len - whole,
+            off: t.off + whole,
+            ..t
+        };
+        dx_strip::<V::Half, M, F, IO>(io, tail, win, mask, form);
+    }
     })
+}
+
+/// Rows of a panel of the `dx` pass for rows wider than `SLOTS / 2`
+/// vectors: each column group's coefficients are loaded once per panel
+/// (4, 8 and 16 rows measured alike with 256 channels at 256 KiB; 16 lost
+/// 10% with 1000 channels, AMD EPYC Zen 4).
+const DX_PANEL: usize = 4;
+
+/// [`dx_group`] for `nv` (0 to 4) vectors.
+#[inline(always)]
+fn dx_nv<V: Lane, M: Mask, F: Form, IO: Io>(
+    nv: usize,
+    io: &mut IO,
+    t: Strip,
+    win: &Win,
+    mask: M,
+    form: F,
+) {
+    match nv {
+        0 => {}
+        1 => dx_group::<V, M, F, IO, 1>(io, t, win, mask, form),
+        2 => dx_group::<V, M, F, IO, 2>(io, t, win, mask, form),
+        3 => dx_group::<V, M, F, IO, 3>(io, t, win, mask, form),
+        _ => dx_group::<V, M, F, IO, 4>(io, t, win, mask, form),
+    }
 }
 
 /// `dx` of `NV` vectors of a block of rows.
