@@ -212,6 +212,31 @@ impl Cell<'_> {
     }
 }
 
+/// A zeroed buffer of `len` floats. On Linux, above 4 MiB, the pages are
+/// first marked `MADV_HUGEPAGE`, as numpy does for its arrays (and so for
+/// the peers' inputs and outputs): with transparent huge pages in `madvise`
+/// mode, the kernels would otherwise stream over 4 KiB pages where the peers
+/// get 2 MiB ones. `BN_NET_HUGEPAGES=0` turns this off.
+fn buffer(len: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    if len * 4 >= 4 << 20 && std::env::var("BN_NET_HUGEPAGES").as_deref() != Ok("0") {
+        let page = 4096;
+        let start = (v.as_ptr() as usize).div_ceil(page) * page;
+        let end = v.as_ptr() as usize + len * 4;
+        if end > start {
+            // SAFETY: madvise only advises the kernel about pages of this
+            // allocation (a whole-page range inside it); no memory is read or
+            // written, and the allocation is untouched so far.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v.resize(len, 0.0);
+    v
+}
+
 fn env_list(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
         .unwrap_or_else(|_| default.into())
@@ -242,11 +267,11 @@ fn main() {
         for &(c, hw) in &cells {
             let len = n * c * hw;
             for nhwc in [false, true] {
-                let mut x = vec![0.0f32; len];
+                let mut x = buffer(len);
                 for l in 0..len {
                     x[physical(l, c, hw, nhwc)] = input_at(l, c, hw);
                 }
-                let mut y = vec![0.0f32; len];
+                let mut y = buffer(len);
                 let cell = Cell {
                     label,
                     n,
