@@ -146,12 +146,14 @@
 //!
 //! # Firmware (§5)
 //!
-//! The crate is `#![no_std]` with no allocator and no `unsafe`. CI
+//! The crate is `#![no_std]` with no allocator, and no `unsafe` is
+//! compiled for any target but x86-64 (see [Run-time
+//! selection](#run-time-selection-on-x86-64)). CI
 //! measures, on `thumbv7em-none-eabihf` (Cortex-M4F) under
 //! `qemu-system-arm`, the stack of every kernel (at most 4 KiB for any
 //! shape: 3.5 KB for a training step, 3.5 KB for its backward pass) and the
-//! flash of an inference-only binary (6.0 KB of `.text`) and of a training
-//! one (22.4 KB), and checks every kernel's results on the device.
+//! flash of an inference-only binary (5.4 KB of `.text`) and of a training
+//! one (21.8 KB), and checks every kernel's results on the device.
 //!
 //! ## Compact builds
 //!
@@ -167,11 +169,30 @@
 //! `Simd::X4` is native); `--cfg batchnorm_compact` makes any build compact
 //! (CI tests the compact code on the host with it).
 //!
-//! On x86, x86-64 and aarch64 a build compiles the widths it runs in
-//! native registers: `Scalar` and `X4`, plus `X8` with `avx` and `X16`
-//! with `avx512f` ([`Simd::effective`] says which width a forced [`Simd`]
-//! runs); `all-widths` compiles the emulated ones too, which is how the
-//! test suite runs every code path on any machine.
+//! On x86 and aarch64 a build compiles the widths it runs in native
+//! registers: `Scalar` and `X4`, plus `X8` with `avx` and `X16` with
+//! `avx512f` on x86 ([`Simd::effective`] says which width a forced
+//! [`Simd`] runs); `all-widths` compiles the emulated ones too, which is how
+//! the test suite runs every code path on any machine. x86-64 compiles
+//! every width and picks at run time:
+//!
+//! ## Run-time selection on x86-64
+//!
+//! A plain `cargo build` for x86-64 is SSE2, and `wide`'s wider types are
+//! then several 128-bit registers. So on x86-64 [`Simd::X8`] and
+//! [`Simd::X16`] are the crate's own lane types over `core::arch`: one
+//! `ymm` register with AVX2 and FMA, one `zmm` register with AVX-512F. The
+//! kernels instantiated with them run inside `#[target_feature]`
+//! functions, so they are compiled with those instructions whatever the
+//! build's flags, and [`Simd::detect`] chooses them only after the CPU
+//! reported the features (`cpuid` and `xgetbv`, asked once and cached; no
+//! `std` needed, so `no_std` builds select at run time too). A build with
+//! `-C target-cpu=native` runs the same code and skips the question. This
+//! is the crate's one module with `unsafe` (the calls into
+//! `#[target_feature]` code and intrinsics, each justified by the
+//! detection), and CI disassembles the test binaries to check that no
+//! kernel code of those widths was left compiled without its instructions
+//! (`.ci/dispatch`).
 //!
 //! On every target but x86-64 and aarch64 (i686 included) the
 //! stack-resident windows are small, so that every kernel stays within
