@@ -65,7 +65,7 @@ pub(crate) fn isa() -> Isa {
     }
 }
 
-/// Asks the CPU (Intel SDM vol. 1, §14.3 and §15.2: a feature is usable
+/// Asks the CPU (as the Intel and AMD manuals prescribe: a feature is usable
 /// when `cpuid` reports it and the OS enabled its register state in `XCR0`).
 #[cold]
 #[allow(unused_unsafe)] // `__cpuid` is an `unsafe fn` in older toolchains only.
