@@ -43,6 +43,10 @@ pub(crate) trait Lane: Copy {
     /// never-inlined kernel function runs its body through it, so that no
     /// code of those types is compiled without their instructions.
     #[inline(always)]
+    #[cfg_attr(
+        not(all(target_arch = "x86_64", not(batchnorm_compact))),
+        allow(dead_code)
+    )]
     fn enabled<R>(f: impl FnOnce() -> R) -> R {
         f()
     }
