@@ -70,6 +70,11 @@ pub(crate) fn isa() -> Isa {
 #[cold]
 #[allow(unused_unsafe)] // `__cpuid` is an `unsafe fn` in older toolchains only.
 fn probe() -> Isa {
+    // Miri runs neither `cpuid` (inline assembly) nor every AVX-512
+    // intrinsic: the SSE2 kernels are the ones it checks.
+    if cfg!(miri) {
+        return Isa::Sse2;
+    }
     // SAFETY: `cpuid` exists on every x86-64 CPU; leaves 1 and 7 are read
     // only after leaf 0 says they exist.
     let (max, l1) = unsafe { (__cpuid(0).eax, __cpuid(1)) };
