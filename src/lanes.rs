@@ -442,12 +442,20 @@ pub(crate) const SMALL_STACK: bool = cfg!(any(
 ));
 
 /// Calls `$body` with the type alias `$V` bound to the lane type of
-/// `$simd.effective()`, inside [`Lane::enabled`] of that type. On x86-64,
-/// `X8` and `X16` are the run-time selected types of `crate::x86`, and
+/// `$simd.effective()`, inside [`Lane::enabled`] of that type. Only the
+/// widths `effective` can return get an arm (the same conditions as
+/// `native_wide`), so the others are never instantiated. On x86-64, `X8`
+/// and `X16` are the run-time selected types of `crate::x86`, and
 /// `effective` returns them only after the CPU reported their features:
 /// this is the one place that names them (the invariant their `unsafe`
 /// rests on).
-#[cfg(all(target_arch = "x86_64", not(batchnorm_compact)))]
+#[cfg(not(any(
+    batchnorm_compact,
+    all(
+        not(feature = "all-widths"),
+        not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64"))
+    )
+)))]
 macro_rules! with_lane {
     ($simd:expr, $V:ident => $body:expr) => {
         match $crate::lanes::Simd::effective($simd) {
@@ -455,6 +463,7 @@ macro_rules! with_lane {
                 type $V = f32;
                 $body
             }
+            #[cfg(target_arch = "x86_64")]
             $crate::lanes::Simd::X8 => {
                 type $V = $crate::x86::Avx2<4>;
                 <$V as $crate::lanes::Lane>::enabled(
@@ -462,6 +471,7 @@ macro_rules! with_lane {
                     || $body,
                 )
             }
+            #[cfg(target_arch = "x86_64")]
             $crate::lanes::Simd::X16 => {
                 type $V = $crate::x86::Avx512;
                 <$V as $crate::lanes::Lane>::enabled(
@@ -469,40 +479,18 @@ macro_rules! with_lane {
                     || $body,
                 )
             }
-            _ => {
-                type $V = wide::f32x4;
-                $body
-            }
-        }
-    };
-}
-
-/// Calls `$body` with the type alias `$V` bound to the lane type of
-/// `$simd.effective()`.
-#[cfg(not(any(
-    batchnorm_compact,
-    target_arch = "x86_64",
-    all(
-        not(feature = "all-widths"),
-        not(any(target_arch = "x86", target_arch = "aarch64"))
-    )
-)))]
-macro_rules! with_lane {
-    ($simd:expr, $V:ident => $body:expr) => {
-        // Only the widths `Simd::effective` can return get an arm (the same
-        // conditions as `HAS_X8` and `HAS_X16`), so the others are never
-        // instantiated.
-        match $crate::lanes::Simd::effective($simd) {
-            $crate::lanes::Simd::Scalar => {
-                type $V = f32;
-                $body
-            }
-            #[cfg(any(feature = "all-widths", target_feature = "avx"))]
+            #[cfg(all(
+                not(target_arch = "x86_64"),
+                any(feature = "all-widths", target_feature = "avx")
+            ))]
             $crate::lanes::Simd::X8 => {
                 type $V = wide::f32x8;
                 $body
             }
-            #[cfg(any(feature = "all-widths", target_feature = "avx512f"))]
+            #[cfg(all(
+                not(target_arch = "x86_64"),
+                any(feature = "all-widths", target_feature = "avx512f")
+            ))]
             $crate::lanes::Simd::X16 => {
                 type $V = wide::f32x16;
                 $body
