@@ -31,7 +31,8 @@
 //!
 //! # Stack
 //!
-//! Two patterns of [`SEGMENT`] `f32` (8 KiB), and 0.5 KiB to stage the
+//! Two patterns of [`SEGMENT`] `f32` (8 KiB; rows of more than 1024
+//! positions add two segments of 2048, 16 KiB), and 0.5 KiB to stage the
 //! coefficients of 64 channels while they are spread over NCHW positions
 //! (fewer spatial positions than lanes). No heap. On every target but x86-64
 //! and aarch64 the segment is 256 positions (2 KiB) and the staging 32
@@ -47,6 +48,13 @@ use wide::f64x4;
 /// 1024 on x86-64 and aarch64, 256 on every other target (microcontrollers
 /// and 32-bit targets, where two patterns must fit a few KiB of stack).
 pub(crate) const SEGMENT: usize = if SMALL_STACK { 256 } else { 1024 };
+
+/// Positions per segment of a row longer than [`SEGMENT`] on x86-64 and
+/// aarch64 (see [`long_rows`]), so that a row of up to 2048 channels is one
+/// segment read in memory order. With 1024, a 2048-channel NHWC row was
+/// read as two half rows, each swept over every row: 32×7×7×2048
+/// inference ran at 10–15 GB/s, 17–18 as one segment.
+const LONG_SEGMENT: usize = 2048;
 
 /// Channels whose coefficients are folded at a time while they are spread
 /// over the positions of NCHW rows with fewer spatial positions than lanes.
@@ -1011,16 +1019,59 @@ fn periodic<V: Lane, A: Act, IO: Io>(
             // Fewer than `per` rows are left, less than one pattern.
             let left = ((rows - supers * per) * period).min(lcm);
             pattern_rows::<V, A, IO>(io, supers * lcm, 1, 0, &pa[..left], &pb[..left], act);
+        } else if !SMALL_STACK && period > SEGMENT {
+            long_rows::<V, A, IO>(io, period, div, rows, coef, act);
         } else {
-            // Rows longer than a pattern: one segment of positions at a time,
-            // swept over every row.
-            let mut p0 = 0;
-            while p0 < period {
-                let len = (period - p0).min(SEGMENT);
-                coef.fill_positions(p0, div, &mut pa[..len], &mut pb[..len]);
-                pattern_rows::<V, A, IO>(io, p0, rows, period, &pa[..len], &pb[..len], act);
-                p0 += len;
-            }
+            sweep::<V, A, IO>(io, period, div, rows, coef, act, (&mut pa, &mut pb));
         }
+    })
+}
+
+/// Rows longer than a pattern: one segment of `pa.len()` positions at a
+/// time, swept over every row.
+#[inline(always)]
+fn sweep<V: Lane, A: Act, IO: Io>(
+    io: &mut IO,
+    period: usize,
+    div: usize,
+    rows: usize,
+    coef: Coef<'_>,
+    act: A,
+    (pa, pb): (&mut [f32], &mut [f32]),
+) {
+    let seg = pa.len().min(pb.len());
+    let mut p0 = 0;
+    while p0 < period {
+        let len = (period - p0).min(seg);
+        // `get_mut` (no panic path); an empty segment would not advance.
+        let (Some(a), Some(b)) = (pa.get_mut(..len), pb.get_mut(..len)) else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        coef.fill_positions(p0, div, a, b);
+        pattern_rows::<V, A, IO>(io, p0, rows, period, a, b, act);
+        p0 += len;
+    }
+}
+
+/// Rows of more than [`SEGMENT`] positions on x86-64 and aarch64, in
+/// segments of [`LONG_SEGMENT`]: a frame of its own, so that only these
+/// rows clear the larger arrays (16 KiB). Never reached where stacks are
+/// small.
+#[inline(never)]
+fn long_rows<V: Lane, A: Act, IO: Io>(
+    io: &mut IO,
+    period: usize,
+    div: usize,
+    rows: usize,
+    coef: Coef<'_>,
+    act: A,
+) {
+    enabled!(V => {
+        let mut pa = [0.0f32; LONG_SEGMENT];
+        let mut pb = [0.0f32; LONG_SEGMENT];
+        sweep::<V, A, IO>(io, period, div, rows, coef, act, (&mut pa, &mut pb));
     })
 }

@@ -139,12 +139,13 @@ fn window_splits_around_the_window_length() {
 
 /// Super-rows: odd channel counts whose `lcm(C, lanes)` is `16 C` (the
 /// longest), just under and over the 1024-element pattern of `normalize`
-/// and the windows of `moments`.
+/// and the windows of `moments`; rows just under and over `normalize`'s
+/// 2048-position segment.
 #[test]
 fn lcm_edges() {
     let mut rng = Rng::new(16);
     for simd in Simd::ALL {
-        for c in [63, 64, 65, 127, 129, 1023, 1025] {
+        for c in [63, 64, 65, 127, 129, 1023, 1025, 2047, 2048, 2049] {
             let shape = Shape::nhwc(17, 1, c);
             let x = channel_data(&mut rng, shape, &[0.0, 7.0], &[1.0, 0.1]);
             check_moments(simd, &x, shape);
