@@ -880,26 +880,34 @@ fn splat_run<V: Lane, A: Act>(x: Option<&[f32]>, y: &mut [f32], a: f32, b: f32, 
         return splat_run::<V::Half, A>(x, y, a, b, act);
     }
     let (va, vb) = (V::splat(a), V::splat(b));
-    let mut ys = y.chunks_exact_mut(w);
+    // Both slices are split at their common length of whole vectors once,
+    // so that the loop is a `zip` of two `chunks_exact`: one counted loop,
+    // which the compiler unrolls. Stepping one iterator and checking the
+    // other each time left a loop of one vector and two branches per
+    // iteration (NCHW C = 16 at 256 KiB with AVX2, runs of 128 vectors:
+    // 0.69 of the roofline against 0.94 unrolled, AMD Zen 3). `x.len() ==
+    // y.len()` on every call; the checked splits keep the panic path out.
+    let n = x.map_or(y.len(), |x| x.len().min(y.len())) / w * w;
+    let Some((y_head, y_tail)) = y.split_at_mut_checked(n) else {
+        return;
+    };
     let x_tail = match x {
         Some(x) => {
-            let mut xs = x.chunks_exact(w);
-            for yc in &mut ys {
-                let Some(xc) = xs.next() else {
-                    return;
-                };
+            let Some((x_head, x_tail)) = x.split_at_checked(n) else {
+                return;
+            };
+            for (yc, xc) in y_head.chunks_exact_mut(w).zip(x_head.chunks_exact(w)) {
                 act.apply(V::load(xc).mul_add(va, vb)).store(yc);
             }
-            Some(xs.remainder())
+            Some(x_tail)
         }
         None => {
-            for yc in &mut ys {
+            for yc in y_head.chunks_exact_mut(w) {
                 act.apply(V::load(yc).mul_add(va, vb)).store(yc);
             }
             None
         }
     };
-    let y_tail = ys.into_remainder();
     if w > 1 && !y_tail.is_empty() {
         splat_run::<V::Half, A>(x_tail, y_tail, a, b, act);
     }
