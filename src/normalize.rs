@@ -53,7 +53,8 @@ pub(crate) const SEGMENT: usize = if SMALL_STACK { 256 } else { 1024 };
 /// aarch64 (see [`long_rows`]), so that a row of up to 2048 channels is one
 /// segment read in memory order. With 1024, a 2048-channel NHWC row was
 /// read as two half rows, each swept over every row: 32×7×7×2048
-/// inference ran at 10–15 GB/s, 17–18 as one segment.
+/// inference ran at 16–17 GB/s, 21–22 as one segment (AMD Zen 4,
+/// `benches/README.md`).
 const LONG_SEGMENT: usize = 2048;
 
 /// Channels whose coefficients are folded at a time while they are spread
