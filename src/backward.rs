@@ -35,13 +35,16 @@
 //! vectors (`SLOTS / 2` with an activation mask, whose two coefficients
 //! per vector spilled a wider group) is one register group (a shorter one
 //! unrolled over several rows in separate slots), a wider one is read in
-//! panels of [`PANEL_ROWS`] rows by column groups; the `dx` pass of a wide
-//! row goes in panels of [`DX_PANEL`] rows by column groups of `SLOTS / 2`
-//! vectors with their coefficients in registers (loading them beside each
-//! vector was six loads per output vector, eight with a mask; reading a
-//! block of 64 rows once per column group ran at 0.4-0.6 of the limit at 8
-//! and 64 MiB with 256 channels), except in inference mode without a mask
-//! (one coefficient), which goes row by row loading it beside each vector.
+//! panels of [`PANEL_ROWS`] rows by column groups. The `dx` pass of a wide
+//! row goes row by row, loading each vector's coefficients beside it, in
+//! inference mode without a mask (one coefficient) and, with sixteen
+//! registers, wherever that is at most four loads; otherwise in panels of
+//! [`DX_PANEL`] rows by column groups of `SLOTS / 2` vectors with their
+//! coefficients in registers (with AVX-512, loading them beside each
+//! vector, six loads per output vector or eight with a mask, and reading a
+//! block of 64 rows once per column group both ran at 0.4-0.6 of the limit
+//! at 8 and 64 MiB with 256 channels; with AVX2 the panels were the slower,
+//! see [`dx_strip`]).
 //! Layouts are walked as in [`normalize`](crate::normalize): contiguous
 //! NCHW runs with splatted coefficients; periodic tensors (NHWC, or NCHW
 //! with fewer spatial positions than lanes) by super-rows of `lcm(period,
@@ -1587,22 +1590,35 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     }
 }
 
-/// `dx` of a strip: a row of up to `SLOTS / 2` vectors with its
-/// coefficients in registers, rows in memory order; a wider one in panels
-/// of [`DX_PANEL`] rows by column groups of at most `SLOTS / 2` vectors,
-/// coefficients in registers (or, in inference mode without a mask, and
-/// for fewer rows than a panel, row by row with the coefficients loaded
-/// from the window beside each vector); then the tail columns with narrower
-/// lanes.
+/// `dx` of a strip: a row of up to one register group of vectors with its
+/// coefficients in registers, rows in memory order; a wider one either row
+/// by row with the coefficients loaded from the window beside each vector
+/// (few coefficients, or fewer rows than a panel) or in panels of
+/// [`DX_PANEL`] rows by column groups, coefficients in registers; then the
+/// tail columns with narrower lanes.
 fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win, mask: M, form: F) {
     enabled!(V => {
     let w = V::WIDTH;
     let nv = t.len / w;
     let sub = Strip { len: nv * w, ..t };
-    let most = (V::SLOTS / 2).max(1);
-    // Inference without a mask reads one coefficient per vector: beside
-    // each vector it costs less than the panels' strided rows.
-    let panels = F::COEFS + M::COEFS > 1 && t.rows >= DX_PANEL;
+    let coefs = F::COEFS + M::COEFS;
+    // With sixteen registers (`SLOTS` 4: SSE, AVX2) a group holds as many
+    // vectors as thirteen registers hold coefficients for, which leaves
+    // three for the loads and a temporary (training mode without a mask:
+    // four per vector, three vectors); with thirty-two, `SLOTS / 2`.
+    let most = if V::SLOTS <= 4 {
+        (13 / coefs).clamp(1, 4)
+    } else {
+        V::SLOTS / 2
+    };
+    // Wider rows go in memory order, each vector's coefficients loaded
+    // beside it, where that is at most four loads (inference without a
+    // mask on every lane type, up to four coefficients with sixteen
+    // registers); else in panels. With sixteen registers panels of two
+    // vectors ran at 0.40-0.59 of the limit in training mode (NHWC C = 3 to
+    // 1000, 256 KiB and 8 MiB, AMD EPYC Zen 3), in memory order at 0.44-0.78.
+    let row_order = if V::SLOTS <= 4 { coefs <= 4 } else { coefs <= 1 };
+    let panels = !row_order && t.rows >= DX_PANEL;
     if nv > most && !panels {
         if let Some(pat) = win.pat(t.off, t.off + nv * w) {
             io.map_rows_pat::<V>(t.start, t.rows, t.stride, pat, |x, dy, c| {

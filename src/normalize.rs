@@ -286,14 +286,58 @@ impl Io for Split<'_> {
         f: impl Fn(V, V, V) -> V,
     ) {
         let (w, len) = (V::WIDTH, pa.len());
-        for r in 0..rows {
+        let mut r = 0;
+        // Two rows per pass over the coefficients: each coefficient vector,
+        // loaded once, serves both, two loads per output vector instead of
+        // three (the load ports, not the stores, bounded NHWC rows of many
+        // vectors with AVX2).
+        while r + 2 <= rows && stride >= len {
+            let base = start + r * stride;
+            let (Some(x), Some(y)) = (
+                span(self.x, base, stride + len),
+                span_mut(self.y, base, stride + len),
+            ) else {
+                return;
+            };
+            let Some((y0, y1)) = y.split_at_mut_checked(stride) else {
+                return;
+            };
+            let (Some(x0), Some(x1), Some(y0)) = (x.get(..len), x.get(stride..), y0.get_mut(..len))
+            else {
+                return;
+            };
+            // Not `zip` (see `map_rows`): with the two-row loops beside
+            // them the compiler outlined `Zip::new` of these loops, and with
+            // it a division by the chunk length (a panic path).
+            let (mut x0, mut x1) = (x0.chunks_exact(w), x1.chunks_exact(w));
+            let (mut ys1, mut pas, mut pbs) = (
+                y1.chunks_exact_mut(w),
+                pa.chunks_exact(w),
+                pb.chunks_exact(w),
+            );
+            for y0 in y0.chunks_exact_mut(w) {
+                let (Some(x0), Some(x1), Some(y1), Some(ac), Some(bc)) =
+                    (x0.next(), x1.next(), ys1.next(), pas.next(), pbs.next())
+                else {
+                    return;
+                };
+                let (a, b) = (V::load(ac), V::load(bc));
+                f(V::load(x0), a, b).store(y0);
+                f(V::load(x1), a, b).store(y1);
+            }
+            r += 2;
+        }
+        for r in r..rows {
             let base = start + r * stride;
             let (Some(x), Some(y)) = (span(self.x, base, len), span_mut(self.y, base, len)) else {
                 return;
             };
-            let (xs, ys) = (x.chunks_exact(w), y.chunks_exact_mut(w));
-            let ps = pa.chunks_exact(w).zip(pb.chunks_exact(w));
-            for ((xc, yc), (ac, bc)) in xs.zip(ys).zip(ps) {
+            let (mut xs, mut pas, mut pbs) =
+                (x.chunks_exact(w), pa.chunks_exact(w), pb.chunks_exact(w));
+            for yc in y.chunks_exact_mut(w) {
+                let (Some(xc), Some(ac), Some(bc)) = (xs.next(), pas.next(), pbs.next()) else {
+                    return;
+                };
                 f(V::load(xc), V::load(ac), V::load(bc)).store(yc);
             }
         }
@@ -356,13 +400,44 @@ impl Io for InPlace<'_> {
         f: impl Fn(V, V, V) -> V,
     ) {
         let (w, len) = (V::WIDTH, pa.len());
-        for r in 0..rows {
+        let mut r = 0;
+        // Two rows per pass over the coefficients, as for `Split`.
+        while r + 2 <= rows && stride >= len {
+            let base = start + r * stride;
+            let Some(y) = span_mut(self.0, base, stride + len) else {
+                return;
+            };
+            let Some((y0, y1)) = y.split_at_mut_checked(stride) else {
+                return;
+            };
+            let Some(y0) = y0.get_mut(..len) else {
+                return;
+            };
+            let (mut ys1, mut pas, mut pbs) = (
+                y1.chunks_exact_mut(w),
+                pa.chunks_exact(w),
+                pb.chunks_exact(w),
+            );
+            for y0 in y0.chunks_exact_mut(w) {
+                let (Some(y1), Some(ac), Some(bc)) = (ys1.next(), pas.next(), pbs.next()) else {
+                    return;
+                };
+                let (a, b) = (V::load(ac), V::load(bc));
+                f(V::load(y0), a, b).store(y0);
+                f(V::load(y1), a, b).store(y1);
+            }
+            r += 2;
+        }
+        for r in r..rows {
             let base = start + r * stride;
             let Some(y) = span_mut(self.0, base, len) else {
                 return;
             };
-            let ys = y.chunks_exact_mut(w);
-            for (yc, (ac, bc)) in ys.zip(pa.chunks_exact(w).zip(pb.chunks_exact(w))) {
+            let (mut pas, mut pbs) = (pa.chunks_exact(w), pb.chunks_exact(w));
+            for yc in y.chunks_exact_mut(w) {
+                let (Some(ac), Some(bc)) = (pas.next(), pbs.next()) else {
+                    return;
+                };
                 f(V::load(yc), V::load(ac), V::load(bc)).store(yc);
             }
         }
