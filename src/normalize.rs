@@ -57,6 +57,15 @@ pub(crate) const SEGMENT: usize = if SMALL_STACK { 256 } else { 1024 };
 /// `benches/README.md`).
 const LONG_SEGMENT: usize = 2048;
 
+/// Largest tensor (elements, 4 MiB of `f32`) whose rows [`Io::map_pattern`]
+/// takes two at a time per pass over the coefficients. Two rows save a
+/// coefficient load per output vector, which is what bounds rows from L1
+/// and L2; from L3 and memory the stream prefetchers bound them, and two
+/// interleaved streams per tensor lost: NHWC C = 256 normalization at
+/// 8 MiB 16.4 against 18.4 GB/s one row at a time, at 32 MiB 5.4 against
+/// 7.2; equal at 4 MiB, ahead below (AMD Zen 3, `benches/README.md`).
+const PAIRED_ROWS_MAX: usize = 1 << 20;
+
 /// Channels whose coefficients are folded at a time while they are spread
 /// over the positions of NCHW rows with fewer spatial positions than lanes.
 const CHUNK: usize = if SMALL_STACK { 32 } else { 64 };
@@ -290,8 +299,9 @@ impl Io for Split<'_> {
         // Two rows per pass over the coefficients: each coefficient vector,
         // loaded once, serves both, two loads per output vector instead of
         // three (the load ports, not the stores, bounded NHWC rows of many
-        // vectors with AVX2).
-        while r + 2 <= rows && stride >= len {
+        // vectors with AVX2), on tensors up to `PAIRED_ROWS_MAX`.
+        let paired = stride >= len && rows.saturating_mul(stride) <= PAIRED_ROWS_MAX;
+        while r + 2 <= rows && paired {
             let base = start + r * stride;
             let (Some(x), Some(y)) = (
                 span(self.x, base, stride + len),
@@ -402,7 +412,8 @@ impl Io for InPlace<'_> {
         let (w, len) = (V::WIDTH, pa.len());
         let mut r = 0;
         // Two rows per pass over the coefficients, as for `Split`.
-        while r + 2 <= rows && stride >= len {
+        let paired = stride >= len && rows.saturating_mul(stride) <= PAIRED_ROWS_MAX;
+        while r + 2 <= rows && paired {
             let base = start + r * stride;
             let Some(y) = span_mut(self.0, base, stride + len) else {
                 return;

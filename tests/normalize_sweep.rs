@@ -314,3 +314,40 @@ fn fold_extremes_keep_their_bounds() {
         }
     }
 }
+
+/// Channels-last rows go two at a time on tensors of at most 2^20 elements
+/// and one at a time above: both sides of the boundary, split and in place,
+/// an odd row count on each, against the reference.
+#[test]
+fn paired_rows_either_side_of_the_size_limit() {
+    let mut rng = Rng::new(11);
+    for simd in Simd::ALL {
+        for shape in [Shape::nhwc(4095, 1, 256), Shape::nhwc(4097, 1, 256)] {
+            let k = case(&mut rng, shape);
+            let p = Params {
+                mean: &k.mean,
+                variance: &k.var,
+                scale: Some(&k.scale),
+                offset: Some(&k.offset),
+                epsilon: 1e-3,
+                activation: Activation::Relu,
+            };
+            let xb = misaligned(&k.x, 1);
+            let mut y = vec![f32::NAN; k.x.len()];
+            simd.normalize(&xb[1..], &mut y, shape, &p).unwrap();
+            if let Err(e) = reference::check_normalize(&k.x, shape, &p, &y) {
+                panic!("{simd:?} {shape:?}: {e}");
+            }
+            let mut inplace = xb.clone();
+            simd.normalize_in_place(&mut inplace[1..], shape, &p)
+                .unwrap();
+            assert!(
+                inplace[1..]
+                    .iter()
+                    .zip(&y)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{simd:?} {shape:?}: in place differs"
+            );
+        }
+    }
+}
