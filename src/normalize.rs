@@ -66,6 +66,14 @@ const LONG_SEGMENT: usize = 2048;
 /// 7.2; equal at 4 MiB, ahead below (AMD Zen 3, `benches/README.md`).
 const PAIRED_ROWS_MAX: usize = 1 << 20;
 
+/// Whether [`Io::map_pattern`] takes `rows` rows of `len` elements,
+/// `stride` apart, two at a time: rows that do not overlap, on a tensor of
+/// at most [`PAIRED_ROWS_MAX`] elements.
+#[inline(always)]
+fn paired_rows(rows: usize, stride: usize, len: usize) -> bool {
+    stride >= len && rows.saturating_mul(stride) <= PAIRED_ROWS_MAX
+}
+
 /// Channels whose coefficients are folded at a time while they are spread
 /// over the positions of NCHW rows with fewer spatial positions than lanes.
 const CHUNK: usize = if SMALL_STACK { 32 } else { 64 };
@@ -299,8 +307,8 @@ impl Io for Split<'_> {
         // Two rows per pass over the coefficients: each coefficient vector,
         // loaded once, serves both, two loads per output vector instead of
         // three (the load ports, not the stores, bounded NHWC rows of many
-        // vectors with AVX2), on tensors up to `PAIRED_ROWS_MAX`.
-        let paired = stride >= len && rows.saturating_mul(stride) <= PAIRED_ROWS_MAX;
+        // vectors with AVX2), on tensors up to `PAIRED_ROWS_MAX` ([`paired_rows`]).
+        let paired = paired_rows(rows, stride, len);
         while r + 2 <= rows && paired {
             let base = start + r * stride;
             let (Some(x), Some(y)) = (
@@ -412,7 +420,7 @@ impl Io for InPlace<'_> {
         let (w, len) = (V::WIDTH, pa.len());
         let mut r = 0;
         // Two rows per pass over the coefficients, as for `Split`.
-        let paired = stride >= len && rows.saturating_mul(stride) <= PAIRED_ROWS_MAX;
+        let paired = paired_rows(rows, stride, len);
         while r + 2 <= rows && paired {
             let base = start + r * stride;
             let Some(y) = span_mut(self.0, base, stride + len) else {
