@@ -87,28 +87,34 @@ fn normalize_every_width_layout_activation_alignment() {
                     epsilon: 1e-3,
                     activation,
                 };
-                let off = ai % 3;
-                let xb = misaligned(&k.x, off);
-                let mut yb = vec![f32::NAN; k.x.len() + 2];
-                let y = &mut yb[2 - off % 2..][..k.x.len()];
-                simd.normalize(&xb[off..], y, shape, &p).unwrap();
-                if let Err(e) = reference::check_normalize(&k.x, shape, &p, y) {
-                    panic!("{simd:?} {shape:?} {activation:?}: {e}");
-                }
-                let mut inplace = xb.clone();
-                simd.normalize_in_place(&mut inplace[off..], shape, &p)
-                    .unwrap();
-                assert_eq!(
-                    inplace[off..]
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>(),
-                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{simd:?} {shape:?}: in place differs"
-                );
+                split_and_in_place(simd, shape, &k.x, &p, ai % 3);
             }
         }
     }
+}
+
+/// `normalize` of `x` read `off` elements into a misaligned copy, written
+/// to a buffer misaligned the other way, against the reference; then
+/// `normalize_in_place` on the copy, which must give the same bits.
+fn split_and_in_place(simd: Simd, shape: Shape, x: &[f32], p: &Params<'_>, off: usize) {
+    let xb = misaligned(x, off);
+    let mut yb = vec![f32::NAN; x.len() + 2];
+    let y = &mut yb[2 - off % 2..][..x.len()];
+    simd.normalize(&xb[off..], y, shape, p).unwrap();
+    if let Err(e) = reference::check_normalize(x, shape, p, y) {
+        panic!("{simd:?} {shape:?} {:?}: {e}", p.activation);
+    }
+    let mut inplace = xb.clone();
+    simd.normalize_in_place(&mut inplace[off..], shape, p)
+        .unwrap();
+    assert_eq!(
+        inplace[off..]
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>(),
+        y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "{simd:?} {shape:?}: in place differs"
+    );
 }
 
 #[test]
@@ -332,22 +338,7 @@ fn paired_rows_either_side_of_the_size_limit() {
                 epsilon: 1e-3,
                 activation: Activation::Relu,
             };
-            let xb = misaligned(&k.x, 1);
-            let mut y = vec![f32::NAN; k.x.len()];
-            simd.normalize(&xb[1..], &mut y, shape, &p).unwrap();
-            if let Err(e) = reference::check_normalize(&k.x, shape, &p, &y) {
-                panic!("{simd:?} {shape:?}: {e}");
-            }
-            let mut inplace = xb.clone();
-            simd.normalize_in_place(&mut inplace[1..], shape, &p)
-                .unwrap();
-            assert!(
-                inplace[1..]
-                    .iter()
-                    .zip(&y)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{simd:?} {shape:?}: in place differs"
-            );
+            split_and_in_place(simd, shape, &k.x, &p, 1);
         }
     }
 }
