@@ -35,8 +35,12 @@
 //! vectors (`SLOTS / 2` with an activation mask, whose two coefficients
 //! per vector spilled a wider group) is one register group (a shorter one
 //! unrolled over several rows in separate slots), a wider one is read in
-//! panels of [`PANEL_ROWS`] rows by column groups. The `dx` pass of a wide
-//! row goes row by row, loading each vector's coefficients beside it, in
+//! panels of [`PANEL_ROWS`] rows by column groups; with sixteen registers
+//! (SSE2, AVX2) a row wider than one column group is instead read
+//! [`SUMS_ROWS`] rows at a time front to back, its sums kept in the window.
+//! The `dx` pass of a wide row goes row by row (two rows per pass over the
+//! coefficients on tensors of up to 4 MiB, but for small-stack targets, as
+//! `normalize` does), loading each vector's coefficients beside it, in
 //! inference mode without a mask (one coefficient) and, with sixteen
 //! registers, wherever that is at most four loads; otherwise in panels of
 //! [`DX_PANEL`] rows by column groups of `SLOTS / 2` vectors with their
@@ -57,7 +61,7 @@
 
 use crate::error::Error;
 use crate::lanes::{enabled, inlined, with_lane, Lane, Simd, COMPACT, SMALL_STACK};
-use crate::normalize::{fold_span, Activation, Params};
+use crate::normalize::{fold_span, paired_rows, Activation, Params};
 use crate::shape::{Layout, Shape};
 use wide::f64x4;
 
@@ -606,7 +610,40 @@ impl Io for Split<'_> {
         f: impl Fn(V, V, Coefs<V>) -> V,
     ) {
         let (w, len) = (V::WIDTH, pat.m.len());
-        for r in 0..rows {
+        let mut r0 = 0;
+        // Two rows per pass over the coefficients, as in `normalize`
+        // ([`paired_rows`]): four loads per output vector instead of six in
+        // training mode. Not on small-stack targets: the pair's slices
+        // took 168 B more of a Cortex-M4 frame (3,724 B of 4,096).
+        while !SMALL_STACK && r0 + 2 <= rows && paired_rows(rows, stride, len) {
+            let base = start + r0 * stride;
+            let span = base..base + stride + len;
+            let (Some(x), Some(dy), Some(dx)) = (
+                self.x.get(span.clone()),
+                self.dy.get(span.clone()),
+                self.dx.get_mut(span),
+            ) else {
+                return;
+            };
+            let (Some((x0, x1)), Some((g0, g1)), Some((d0, d1))) = (
+                x.split_at_checked(stride),
+                dy.split_at_checked(stride),
+                dx.split_at_mut_checked(stride),
+            ) else {
+                return;
+            };
+            let xs = x0.chunks_exact(w).zip(x1.chunks_exact(w));
+            let gs = g0.chunks_exact(w).zip(g1.chunks_exact(w));
+            let ds = d0.chunks_exact_mut(w).zip(d1.chunks_exact_mut(w));
+            let outs = ds.zip(coef_chunks::<V>(pat));
+            for (((a0, a1), (b0, b1)), ((o0, o1), k)) in xs.zip(gs).zip(outs) {
+                let k = coefs(k);
+                f(V::load(a0), V::load(b0), k).store(o0);
+                f(V::load(a1), V::load(b1), k).store(o1);
+            }
+            r0 += 2;
+        }
+        for r in r0..rows {
             let base = start + r * stride;
             let span = base..base + len;
             let (Some(x), Some(dy), Some(dx)) = (
@@ -697,7 +734,29 @@ impl Io for InPlace<'_> {
         f: impl Fn(V, V, Coefs<V>) -> V,
     ) {
         let (w, len) = (V::WIDTH, pat.m.len());
-        for r in 0..rows {
+        let mut r0 = 0;
+        // Two rows per pass over the coefficients, as for `Split`.
+        while !SMALL_STACK && r0 + 2 <= rows && paired_rows(rows, stride, len) {
+            let base = start + r0 * stride;
+            let span = base..base + stride + len;
+            let (Some(x), Some(dy)) = (self.x.get(span.clone()), self.dy.get_mut(span)) else {
+                return;
+            };
+            let (Some((x0, x1)), Some((d0, d1))) =
+                (x.split_at_checked(stride), dy.split_at_mut_checked(stride))
+            else {
+                return;
+            };
+            let xs = x0.chunks_exact(w).zip(x1.chunks_exact(w));
+            let ds = d0.chunks_exact_mut(w).zip(d1.chunks_exact_mut(w));
+            for ((a0, a1), ((o0, o1), k)) in xs.zip(ds.zip(coef_chunks::<V>(pat))) {
+                let k = coefs(k);
+                f(V::load(a0), V::load(o0), k).store(o0);
+                f(V::load(a1), V::load(o1), k).store(o1);
+            }
+            r0 += 2;
+        }
+        for r in r0..rows {
             let base = start + r * stride;
             let span = base..base + len;
             let (Some(x), Some(dy)) = (self.x.get(span.clone()), self.dy.get_mut(span)) else {
@@ -1087,6 +1146,21 @@ fn div(a: usize, b: usize) -> usize {
     a.checked_div(b).unwrap_or(0)
 }
 
+/// `ch[j] = (j % period) / dv`, counted: a division per position took 5%
+/// of the time of NHWC C = 1000 at 256 KiB (AMD Zen 3).
+fn channels_of(ch: &mut [u16], period: usize, dv: usize) {
+    let (mut k, mut in_ch, mut in_row) = (0u16, 0, 0);
+    for c in ch {
+        *c = k;
+        (in_ch, in_row) = (in_ch + 1, in_row + 1);
+        if in_row >= period {
+            (k, in_ch, in_row) = (0, 0, 0);
+        } else if in_ch >= dv {
+            (k, in_ch) = (k.wrapping_add(1), 0);
+        }
+    }
+}
+
 fn gcd(mut a: usize, mut b: usize) -> usize {
     while let Some(r) = a.checked_rem(b) {
         (a, b) = (b, r);
@@ -1204,9 +1278,7 @@ fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
     if lcm <= WINDOW {
         // Super-rows of `lcm` elements share one pattern; the partial last
         // super-row is one row of a prefix of it.
-        for (j, ch) in win.ch.iter_mut().enumerate().take(lcm) {
-            *ch = div(j % period.max(1), dv) as u16;
-        }
+        channels_of(win.ch.get_mut(..lcm).unwrap_or_default(), period, dv);
         let per = div(lcm, period);
         let supers = div(rows, per);
         let left = (rows - supers * per) * period;
@@ -1230,9 +1302,7 @@ fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
     } else {
         // Strips of whole channels swept over every row.
         let cmax = div(WINDOW, dv).max(1);
-        for (j, ch) in win.ch.iter_mut().enumerate() {
-            *ch = div(j, dv) as u16;
-        }
+        channels_of(&mut win.ch, WINDOW, dv);
         let mut c0 = 0;
         while c0 < channels {
             let cw = (channels - c0).min(cmax);
@@ -1369,7 +1439,27 @@ fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, 
     let block = INNER * unroll;
     let panel = if one { block } else { PANEL_ROWS };
     let mut r0 = 0;
-    while nv > 0 && r0 < t.rows {
+    // With sixteen registers, a row wider than one column group goes in
+    // memory order, [`SUMS_ROWS`] rows at a time (see `sums_rows`).
+    let by_rows = w > 1 && V::SLOTS <= 4 && nv > col_group::<V, M>();
+    while by_rows && r0 < t.rows {
+        let rb = (t.rows - r0).min(INNER);
+        let mut p0 = 0;
+        while p0 < rb {
+            let start = t.start + (r0 + p0) * t.stride;
+            let sub = Strip { start, ..t };
+            if p0 + SUMS_ROWS <= rb {
+                sums_rows::<V, M, SUMS_ROWS>(x, dy, sub, nv * w, win, mask);
+                p0 += SUMS_ROWS;
+            } else {
+                sums_rows::<V, M, 1>(x, dy, sub, nv * w, win, mask);
+                p0 += 1;
+            }
+        }
+        win.flush_block(t.off, nv * w);
+        r0 += rb;
+    }
+    while !by_rows && nv > 0 && r0 < t.rows {
         let rb = (t.rows - r0).min(block);
         let mut p0 = 0;
         while p0 < rb {
@@ -1404,6 +1494,67 @@ fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, 
         sums_strip::<V::Half, M>(x, dy, tail, win, mask);
     }
     })
+}
+
+/// Rows [`sums_rows`] takes per pass over the window's block sums.
+/// Two and four measured alike, eight lower (NHWC C = 256 and 1000 at
+/// 256 KiB, AMD Zen 3).
+const SUMS_ROWS: usize = 4;
+
+/// Pass 1 over `R` rows of `len` positions (whole vectors) from `t.start`,
+/// `t.stride` apart, in memory order: per vector of positions, the block
+/// sums are loaded, the `R` rows added, and the sums stored; 2.75 loads and
+/// half a store per vector against the panels' two loads, but every row
+/// read front to back. With sixteen registers the panels (16 rows by four
+/// vectors, two with a mask) ran at about 0.6 of the read roofline for
+/// NHWC C = 256 and 1000; this pass, measured with the paired `dx` rows,
+/// took training mode with 256 channels at 256 KiB from 8.3 to 9.9 GB/s
+/// (AMD Zen 3, `benches/README.md`).
+#[inline(always)]
+fn sums_rows<V: Lane, M: Mask, const R: usize>(
+    x: &[f32],
+    dy: &[f32],
+    t: Strip,
+    len: usize,
+    win: &mut Win,
+    mask: M,
+) {
+    let w = V::WIDTH;
+    let mut xs: [&[f32]; R] = [&[]; R];
+    let mut ds: [&[f32]; R] = [&[]; R];
+    for (r, (xr, dr)) in xs.iter_mut().zip(ds.iter_mut()).enumerate() {
+        let b = t.start + r * t.stride;
+        let (Some(xv), Some(dv)) = (x.get(b..b + len), dy.get(b..b + len)) else {
+            return;
+        };
+        (*xr, *dr) = (xv, dv);
+    }
+    let Win { a, b, m, p, q, .. } = win;
+    let span = t.off..t.off + len;
+    let (Some(a), Some(b), Some(m), Some(p), Some(q)) = (
+        a.get(span.clone()),
+        b.get(span.clone()),
+        m.get(span.clone()),
+        p.get_mut(span.clone()),
+        q.get_mut(span),
+    ) else {
+        return;
+    };
+    let ab = a.chunks_exact(w).zip(b.chunks_exact(w));
+    let pq = p.chunks_exact_mut(w).zip(q.chunks_exact_mut(w));
+    for (i, ((ac, bc), (mc, (pc, qc)))) in ab.zip(m.chunks_exact(w).zip(pq)).enumerate() {
+        let (av, bv, mv) = (V::load(ac), V::load(bc), V::load(mc));
+        let (mut sg, mut sgd) = (V::load(pc), V::load(qc));
+        let o = i * w;
+        for (xr, dr) in xs.iter().zip(&ds) {
+            let xv = V::load(xr.get(o..).unwrap_or_default());
+            let g = mask.keep(xv, av, bv, V::load(dr.get(o..).unwrap_or_default()));
+            sg = sg.add(g);
+            sgd = g.mul_add(xv.sub(mv), sgd);
+        }
+        sg.store(pc);
+        sgd.store(qc);
+    }
 }
 
 /// [`sums_group`] for `nv` (1 to [`one_group`]) vectors.

@@ -70,7 +70,7 @@ const PAIRED_ROWS_MAX: usize = 1 << 20;
 /// `stride` apart, two at a time: rows that do not overlap, on a tensor of
 /// at most [`PAIRED_ROWS_MAX`] elements.
 #[inline(always)]
-fn paired_rows(rows: usize, stride: usize, len: usize) -> bool {
+pub(crate) fn paired_rows(rows: usize, stride: usize, len: usize) -> bool {
     stride >= len && rows.saturating_mul(stride) <= PAIRED_ROWS_MAX
 }
 

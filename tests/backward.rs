@@ -218,6 +218,24 @@ fn long_channels() {
     }
 }
 
+/// Wide channels-last rows: the `dx` pass takes them two at a time on
+/// tensors of at most 2^20 elements and one at a time above, the sums pass
+/// (with sixteen registers) four at a time with the rest one by one. Both
+/// sides of the size limit, with odd row counts (a single row after the
+/// pairs; 64-row blocks and a last block of 63 or 1 rows, so rows after the
+/// fours), split and in place, against the reference.
+#[test]
+fn wide_rows_either_side_of_the_paired_size_limit() {
+    let mut rng = Rng::new(16);
+    for simd in Simd::ALL {
+        for shape in [Shape::nhwc(4095, 1, 256), Shape::nhwc(4097, 1, 256)] {
+            let prob = Problem::new(&mut rng, shape, &[2.0, -40.0], &[1.0, 0.3]);
+            prob.check(simd, Activation::None, Mode::Training, 1);
+            prob.check(simd, Activation::Relu, Mode::Inference, 2);
+        }
+    }
+}
+
 /// A training-mode gradient sums to zero over each channel and is
 /// orthogonal to `x̂` (the batch statistics absorb any shift or scale of the
 /// input): checks that can fail independently of the reference.
