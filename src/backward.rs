@@ -1772,9 +1772,17 @@ fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win,
     let panels = !row_order && t.rows >= DX_PANEL;
     if nv > most && !panels {
         if let Some(pat) = win.pat(t.off, t.off + nv * w) {
-            io.map_rows_pat::<V>(t.start, t.rows, t.stride, pat, |x, dy, c| {
-                form.dx(mask.keep(x, c.a, c.b, dy), x, c)
-            });
+            // Always inlined: called twice per vector by the paired rows, the
+            // closure was left out of line, compiled without the lane's
+            // instructions in a default x86-64 build (`.ci/dispatch`).
+            io.map_rows_pat::<V>(
+                t.start,
+                t.rows,
+                t.stride,
+                pat,
+                #[inline(always)]
+                |x, dy, c| form.dx(mask.keep(x, c.a, c.b, dy), x, c),
+            );
         }
     } else if nv > most {
         // Panels of `DX_PANEL` rows, each swept by balanced column groups
