@@ -615,7 +615,8 @@ impl Io for Split<'_> {
         // ([`paired_rows`]): four loads per output vector instead of six in
         // training mode. Not on small-stack targets: the pair's slices
         // took 168 B more of a Cortex-M4 frame (3,724 B of 4,096).
-        while !SMALL_STACK && r0 + 2 <= rows && paired_rows(rows, stride, len) {
+        let paired = !SMALL_STACK && paired_rows(rows, stride, len);
+        while paired && r0 + 2 <= rows {
             let base = start + r0 * stride;
             let span = base..base + stride + len;
             let (Some(x), Some(dy), Some(dx)) = (
@@ -736,7 +737,8 @@ impl Io for InPlace<'_> {
         let (w, len) = (V::WIDTH, pat.m.len());
         let mut r0 = 0;
         // Two rows per pass over the coefficients, as for `Split`.
-        while !SMALL_STACK && r0 + 2 <= rows && paired_rows(rows, stride, len) {
+        let paired = !SMALL_STACK && paired_rows(rows, stride, len);
+        while paired && r0 + 2 <= rows {
             let base = start + r0 * stride;
             let span = base..base + stride + len;
             let (Some(x), Some(dy)) = (self.x.get(span.clone()), self.dy.get_mut(span)) else {
@@ -1323,6 +1325,16 @@ fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
 // ---------------------------------------------------------------------------
 // Pass 1: sums
 
+/// One vector of pass 1: adds `g` (the mask applied to `dy`) and `g (x - m)`
+/// to the sums `(sg, sgd)`. Every form of pass 1 (runs, register groups,
+/// rows in memory order) goes through it, so they do the same operations.
+#[inline(always)]
+fn sum_step<V: Lane, M: Mask>(mask: M, x: V, dy: V, (a, b, m): (V, V, V), s: &mut (V, V)) {
+    let g = mask.keep(x, a, b, dy);
+    s.0 = s.0.add(g);
+    s.1 = g.mul_add(x.sub(m), s.1);
+}
+
 /// Sums of `g` and `g (x - mean)` of one contiguous run with one channel's
 /// coefficients `(a, b, mean)`: four accumulators, each flushed after
 /// [`INNER`] vectors; the tail through narrower lanes.
@@ -1350,10 +1362,10 @@ fn run_sums<V: Lane, M: Mask>(
         let mut taken = 0;
         for (xc, dc) in (&mut xs).zip(&mut ds).take(INNER) {
             for k in 0..K {
-                let xv = V::load(&xc[k * w..]);
-                let g = mask.keep(xv, va, vb, V::load(&dc[k * w..]));
-                sg[k] = sg[k].add(g);
-                sgd[k] = g.mul_add(xv.sub(vm), sgd[k]);
+                let (xv, dv) = (V::load(&xc[k * w..]), V::load(&dc[k * w..]));
+                let mut s = (sg[k], sgd[k]);
+                sum_step(mask, xv, dv, (va, vb, vm), &mut s);
+                (sg[k], sgd[k]) = s;
             }
             taken += 1;
         }
@@ -1437,46 +1449,50 @@ fn sums_strip<V: Lane, M: Mask>(x: &[f32], dy: &[f32], t: Strip, win: &mut Win, 
         1
     };
     let block = INNER * unroll;
-    let panel = if one { block } else { PANEL_ROWS };
-    let mut r0 = 0;
     // With sixteen registers, a row wider than one column group goes in
-    // memory order, [`SUMS_ROWS`] rows at a time (see `sums_rows`).
+    // memory order, [`SUMS_ROWS`] rows at a time (see `sums_rows`); such a
+    // row is never short, so its block is `INNER` rows.
     let by_rows = w > 1 && V::SLOTS <= 4 && nv > col_group::<V, M>();
-    while by_rows && r0 < t.rows {
-        let rb = (t.rows - r0).min(INNER);
-        let mut p0 = 0;
-        while p0 < rb {
-            let start = t.start + (r0 + p0) * t.stride;
-            let sub = Strip { start, ..t };
-            if p0 + SUMS_ROWS <= rb {
-                sums_rows::<V, M, SUMS_ROWS>(x, dy, sub, nv * w, win, mask);
-                p0 += SUMS_ROWS;
-            } else {
-                sums_rows::<V, M, 1>(x, dy, sub, nv * w, win, mask);
-                p0 += 1;
-            }
-        }
-        win.flush_block(t.off, nv * w);
-        r0 += rb;
-    }
-    while !by_rows && nv > 0 && r0 < t.rows {
+    let panel = if by_rows {
+        SUMS_ROWS
+    } else if one {
+        block
+    } else {
+        PANEL_ROWS
+    };
+    let mut r0 = 0;
+    while nv > 0 && r0 < t.rows {
         let rb = (t.rows - r0).min(block);
         let mut p0 = 0;
         while p0 < rb {
             let pr = (rb - p0).min(panel);
             let start = t.start + (r0 + p0) * t.stride;
-            let mut v0 = 0;
-            for gi in 0..groups {
-                let n = size + usize::from(gi < longer);
-                let sub = Strip {
-                    start: start + v0 * w,
-                    rows: pr,
-                    len: n * w,
-                    off: t.off + v0 * w,
+            if by_rows {
+                let sub = |r: usize| Strip {
+                    start: start + r * t.stride,
                     ..t
                 };
-                sums_nv::<V, M>(n, x, dy, sub, win, mask);
-                v0 += n;
+                if pr == SUMS_ROWS {
+                    sums_rows::<V, M, SUMS_ROWS>(x, dy, sub(0), nv * w, win, mask);
+                } else {
+                    for r in 0..pr {
+                        sums_rows::<V, M, 1>(x, dy, sub(r), nv * w, win, mask);
+                    }
+                }
+            } else {
+                let mut v0 = 0;
+                for gi in 0..groups {
+                    let n = size + usize::from(gi < longer);
+                    let sub = Strip {
+                        start: start + v0 * w,
+                        rows: pr,
+                        len: n * w,
+                        off: t.off + v0 * w,
+                        ..t
+                    };
+                    sums_nv::<V, M>(n, x, dy, sub, win, mask);
+                    v0 += n;
+                }
             }
             p0 += pr;
         }
@@ -1543,17 +1559,21 @@ fn sums_rows<V: Lane, M: Mask, const R: usize>(
     let ab = a.chunks_exact(w).zip(b.chunks_exact(w));
     let pq = p.chunks_exact_mut(w).zip(q.chunks_exact_mut(w));
     for (i, ((ac, bc), (mc, (pc, qc)))) in ab.zip(m.chunks_exact(w).zip(pq)).enumerate() {
-        let (av, bv, mv) = (V::load(ac), V::load(bc), V::load(mc));
-        let (mut sg, mut sgd) = (V::load(pc), V::load(qc));
+        let k = (V::load(ac), V::load(bc), V::load(mc));
+        let mut acc = (V::load(pc), V::load(qc));
         let o = i * w;
         for (xr, dr) in xs.iter().zip(&ds) {
             let xv = V::load(xr.get(o..).unwrap_or_default());
-            let g = mask.keep(xv, av, bv, V::load(dr.get(o..).unwrap_or_default()));
-            sg = sg.add(g);
-            sgd = g.mul_add(xv.sub(mv), sgd);
+            sum_step(
+                mask,
+                xv,
+                V::load(dr.get(o..).unwrap_or_default()),
+                k,
+                &mut acc,
+            );
         }
-        sg.store(pc);
-        sgd.store(qc);
+        acc.0.store(pc);
+        acc.1.store(qc);
     }
 }
 
@@ -1620,11 +1640,10 @@ fn sums_group<V: Lane, M: Mask, const NV: usize>(
                 let (Some(xs), Some(ds)) = (xr.get(k * w..), dr.get(k * w..)) else {
                     continue;
                 };
-                let xv = V::load(xs);
-                let g = mask.keep(xv, a[k], b[k], V::load(ds));
                 let i = (u * NV + k) % GROUP_SUMS;
-                sg[i] = sg[i].add(g);
-                sgd[i] = g.mul_add(xv.sub(m[k]), sgd[i]);
+                let mut acc = (sg[i], sgd[i]);
+                sum_step(mask, V::load(xs), V::load(ds), (a[k], b[k], m[k]), &mut acc);
+                (sg[i], sgd[i]) = acc;
             }
         },
     );
