@@ -6,6 +6,15 @@
 //! adds the two rooflines' times into the limit. Both layouts, C in {3, 16,
 //! 64, 256, 1000}, 256 KiB / 8 MiB / 64 MiB of `x` (see `common::sizes`).
 //!
+//! NHWC rows wider than one column group of `common::GROUP` vectors (C = 64
+//! and up with 16 vector registers, 256 and up with 32) also time
+//! `bound_backward`, the structural bound (`common`'s module docs) of
+//! training mode: the simplest two passes in the access pattern such rows
+//! force (their two sums per vector do not fit the registers), doing
+//! strictly less than the crate (no shift, no blocks, no `f64`, no mask,
+//! three coefficients instead of four). `ratios.py` reports limit / bound
+//! beside the `backward` and `backward_relu` rows.
+//!
 //! `cargo bench -p batchnorm-benches --bench backward`; ratios: `python3 benches/ratios.py`.
 mod common;
 
@@ -45,6 +54,64 @@ fn roofline_rw2(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// The structural bound of training-mode backward for NHWC rows of
+/// `c >= WIDE_ROW` elements. Pass 1: per-channel `f32` sums of `dy` and
+/// `dy * x` into `s` and `t`, in panels of 16 rows by column groups of
+/// [`GROUP`] vectors held in registers (as `bound_sums` sums one input).
+/// Pass 2: `dx = dy * p[c] + (x * q[c] + r[c])`, the three coefficients
+/// loaded beside every vector (as `bound_affine`). Columns after the last
+/// whole vector go one at a time.
+#[inline(never)]
+fn bound_backward(
+    (x, dy, dx): (&[f32], &[f32], &mut [f32]),
+    (s, t): (&mut [f32], &mut [f32]),
+    (p, q, r): (&[f32], &[f32], &[f32]),
+) {
+    let c = p.len();
+    let nv = c / LANES;
+    for (px, pd) in x.chunks(16 * c).zip(dy.chunks(16 * c)) {
+        for v0 in (0..nv).step_by(GROUP) {
+            let g = (nv - v0).min(GROUP);
+            let mut sa = [Native::splat(0.0); GROUP];
+            let mut ta = [Native::splat(0.0); GROUP];
+            for (xr, dr) in px.chunks_exact(c).zip(pd.chunks_exact(c)) {
+                for j in 0..g {
+                    let o = (v0 + j) * LANES;
+                    let d = load(&dr[o..]);
+                    sa[j] += d;
+                    ta[j] = d.mul_add(load(&xr[o..]), ta[j]);
+                }
+            }
+            for j in 0..g {
+                let o = (v0 + j) * LANES;
+                store(load(&s[o..]) + sa[j], &mut s[o..]);
+                store(load(&t[o..]) + ta[j], &mut t[o..]);
+            }
+        }
+        for (xr, dr) in px.chunks_exact(c).zip(pd.chunks_exact(c)) {
+            for j in nv * LANES..c {
+                s[j] += dr[j];
+                t[j] += dr[j] * xr[j];
+            }
+        }
+    }
+    let rows = x.chunks_exact(c).zip(dy.chunks_exact(c));
+    for ((xr, dr), or) in rows.zip(dx.chunks_exact_mut(c)) {
+        for v in 0..nv {
+            let o = v * LANES;
+            let k = load(&xr[o..]).mul_add(load(&q[o..]), load(&r[o..]));
+            store(load(&dr[o..]).mul_add(load(&p[o..]), k), &mut or[o..]);
+        }
+        for j in nv * LANES..c {
+            or[j] = dr[j] * p[j] + (xr[j] * q[j] + r[j]);
+        }
+    }
+}
+
+fn store(v: Native, out: &mut [f32]) {
+    out[..LANES].copy_from_slice(&v.to_array());
+}
+
 fn bench(cr: &mut Criterion) {
     for layout in [Layout::Nhwc, Layout::Nchw] {
         for &c in &CHANNELS {
@@ -82,6 +149,20 @@ fn bench(cr: &mut Criterion) {
                 group.bench_function(BenchmarkId::new("roofline_rw2", &id), |b| {
                     b.iter(|| roofline_rw2(black_box(x), black_box(dy), &mut out[1..]))
                 });
+                if layout == Layout::Nhwc && c > GROUP * LANES {
+                    let (mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c]);
+                    let (bp, bq, br) = (vec![0.75f32; c], vec![-0.5f32; c], vec![0.25f32; c]);
+                    group.bench_function(BenchmarkId::new("bound_backward", &id), |b| {
+                        b.iter(|| {
+                            bound_backward(
+                                (black_box(x), black_box(dy), &mut out[1..]),
+                                (&mut s, &mut t),
+                                (&bp, &bq, &br),
+                            );
+                            black_box((&s, &t));
+                        })
+                    });
+                }
                 for (name, mode, act) in [
                     ("backward", Mode::Training, Activation::None),
                     ("backward_relu", Mode::Training, Activation::Relu),

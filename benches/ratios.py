@@ -27,7 +27,8 @@ marked `*`.
 bound = limit time / structural-bound time, where the group measured one
 (benches/common: `bound_sums` for moments, `bound_affine` for affine,
 normalize and infer; for train their times added, a roofline standing in for
-a pass without one): the share of the limit that the simplest kernel in the
+a pass without one; `bound_backward` of benches/backward.rs for backward
+and backward_relu): the share of the limit that the simplest kernel in the
 same access pattern, doing less than the crate's, reaches. A ratio near the
 bound and a bound under the target means the layout, not the kernel, holds
 the row back. The scalar baselines of the moments bench (reference_f64,
@@ -117,6 +118,9 @@ def bound_for(func, funcs):
         if (sums or affine) and read and rw:
             return (sums or read)[1] + (affine or rw)[1]
         return None
+    if func in ("backward", "backward_relu"):
+        back = funcs.get("bound_backward")
+        return back[1] if back else None
     if func.startswith(RW_KERNELS):
         return affine[1] if affine else None
     if func == "moments":

@@ -20,6 +20,9 @@
 //! * [`bound_affine`] (affine, normalize, infer): NHWC `y = x * a[c] + b[c]`
 //!   with both coefficients loaded from memory for every vector, as rows
 //!   wider than the register file force.
+//! * `bound_backward` (training-mode backward, in `benches/backward.rs`):
+//!   the two passes of the first two bounds over two inputs, for NHWC rows
+//!   wider than one column group of [`GROUP`] vectors.
 //!
 //! Both use the widest `wide` type the build runs natively (the same one
 //! `Simd::detect()` picks).
@@ -293,7 +296,7 @@ pub fn bound_sums(x: &[f32], shape: Shape, s: &mut [f32], q: &mut [f32]) {
 
 /// Vectors per column group of [`bound_sums`]: its sums then take half of
 /// the vector registers (32 with AVX-512, 16 otherwise).
-const GROUP: usize = if cfg!(target_feature = "avx512f") {
+pub const GROUP: usize = if cfg!(target_feature = "avx512f") {
     8
 } else {
     4
