@@ -1784,10 +1784,17 @@ fn dx_strip<V: Lane, M: Mask, F: Form, IO: Io>(io: &mut IO, t: Strip, win: &Win,
     // Wider rows go in memory order, each vector's coefficients loaded
     // beside it, where that is at most four loads (inference without a
     // mask on every lane type, up to four coefficients with sixteen
-    // registers); else in panels. With sixteen registers panels of two
+    // registers) or, with sixteen vector registers, where the row is more
+    // than two groups wide; else in panels. With sixteen registers panels of two
     // vectors ran at 0.40-0.59 of the limit in training mode (NHWC C = 3 to
-    // 1000, 256 KiB and 8 MiB, AMD EPYC Zen 3), in memory order at 0.44-0.78.
-    let row_order = if V::SLOTS <= 4 { coefs <= 4 } else { coefs <= 1 };
+    // 1000, 256 KiB and 8 MiB, AMD EPYC Zen 3), in memory order at 0.44-0.78;
+    // with the ReLU mask (six coefficients) 256 channels at 8 MiB went from
+    // 0.33 to 0.45 in memory order, and 3 channels (three vectors) lost.
+    let row_order = if V::SLOTS <= 4 {
+        coefs <= 4 || (w > 1 && nv > 2 * most)
+    } else {
+        coefs <= 1
+    };
     let panels = !row_order && t.rows >= DX_PANEL;
     if nv > most && !panels {
         if let Some(pat) = win.pat(t.off, t.off + nv * w) {

@@ -223,7 +223,8 @@ fn long_channels() {
 /// (with sixteen registers) four at a time with the rest one by one. Both
 /// sides of the size limit, with odd row counts (a single row after the
 /// pairs; 64-row blocks and a last block of 63 or 1 rows, so rows after the
-/// fours), split and in place, against the reference.
+/// fours), split and in place, with and without a mask's coefficients (six
+/// per position in training mode), against the reference.
 #[test]
 fn wide_rows_either_side_of_the_paired_size_limit() {
     let mut rng = Rng::new(16);
@@ -232,6 +233,7 @@ fn wide_rows_either_side_of_the_paired_size_limit() {
             let prob = Problem::new(&mut rng, shape, &[2.0, -40.0], &[1.0, 0.3]);
             prob.check(simd, Activation::None, Mode::Training, 1);
             prob.check(simd, Activation::Relu, Mode::Inference, 2);
+            prob.check(simd, Activation::Relu6, Mode::Training, 3);
         }
     }
 }
