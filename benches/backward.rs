@@ -23,10 +23,6 @@ use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 
-fn load(s: &[f32]) -> Native {
-    Native::new(s[..LANES].try_into().unwrap())
-}
-
 /// Read roofline over two inputs: four independent accumulators per input.
 #[inline(never)]
 fn roofline_read2(x: &[f32], dy: &[f32]) -> f32 {
@@ -54,13 +50,12 @@ fn roofline_rw2(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// The structural bound of training-mode backward for NHWC rows of
-/// `c >= WIDE_ROW` elements. Pass 1: per-channel `f32` sums of `dy` and
-/// `dy * x` into `s` and `t`, in panels of 16 rows by column groups of
-/// [`GROUP`] vectors held in registers (as `bound_sums` sums one input).
-/// Pass 2: `dx = dy * p[c] + (x * q[c] + r[c])`, the three coefficients
-/// loaded beside every vector (as `bound_affine`). Columns after the last
-/// whole vector go one at a time.
+/// The structural bound of training-mode backward for NHWC rows wider than
+/// one column group of [`GROUP`] vectors. Pass 1: per-channel `f32` sums of
+/// `dy` and `dy * x` into `s` and `t` ([`panel_sums`], which also sums one
+/// input for `bound_sums`). Pass 2: `dx = dy * p[c] + (x * q[c] + r[c])`,
+/// the three coefficients loaded beside every vector (as `bound_affine`);
+/// columns after the last whole vector one at a time.
 #[inline(never)]
 fn bound_backward(
     (x, dy, dx): (&[f32], &[f32], &mut [f32]),
@@ -69,32 +64,7 @@ fn bound_backward(
 ) {
     let c = p.len();
     let nv = c / LANES;
-    for (px, pd) in x.chunks(16 * c).zip(dy.chunks(16 * c)) {
-        for v0 in (0..nv).step_by(GROUP) {
-            let g = (nv - v0).min(GROUP);
-            let mut sa = [Native::splat(0.0); GROUP];
-            let mut ta = [Native::splat(0.0); GROUP];
-            for (xr, dr) in px.chunks_exact(c).zip(pd.chunks_exact(c)) {
-                for j in 0..g {
-                    let o = (v0 + j) * LANES;
-                    let d = load(&dr[o..]);
-                    sa[j] += d;
-                    ta[j] = d.mul_add(load(&xr[o..]), ta[j]);
-                }
-            }
-            for j in 0..g {
-                let o = (v0 + j) * LANES;
-                store(load(&s[o..]) + sa[j], &mut s[o..]);
-                store(load(&t[o..]) + ta[j], &mut t[o..]);
-            }
-        }
-        for (xr, dr) in px.chunks_exact(c).zip(pd.chunks_exact(c)) {
-            for j in nv * LANES..c {
-                s[j] += dr[j];
-                t[j] += dr[j] * xr[j];
-            }
-        }
-    }
+    panel_sums(dy, x, c, s, t);
     let rows = x.chunks_exact(c).zip(dy.chunks_exact(c));
     for ((xr, dr), or) in rows.zip(dx.chunks_exact_mut(c)) {
         for v in 0..nv {
@@ -106,10 +76,6 @@ fn bound_backward(
             or[j] = dr[j] * p[j] + (xr[j] * q[j] + r[j]);
         }
     }
-}
-
-fn store(v: Native, out: &mut [f32]) {
-    out[..LANES].copy_from_slice(&v.to_array());
 }
 
 fn bench(cr: &mut Criterion) {

@@ -263,32 +263,40 @@ pub fn bound_sums(x: &[f32], shape: Shape, s: &mut [f32], q: &mut [f32]) {
                 ch = if ch + 1 == c { 0 } else { ch + 1 };
             }
         }
-        Layout::Nhwc => {
-            let nv = c / LANES;
-            for panel in x.chunks(16 * c) {
-                for v0 in (0..nv).step_by(GROUP) {
-                    let g = (nv - v0).min(GROUP);
-                    let mut sa = [Native::splat(0.0); GROUP];
-                    let mut qa = [Native::splat(0.0); GROUP];
-                    for row in panel.chunks_exact(c) {
-                        for j in 0..g {
-                            let v = load(&row[(v0 + j) * LANES..]);
-                            sa[j] += v;
-                            qa[j] = v.mul_add(v, qa[j]);
-                        }
-                    }
-                    for j in 0..g {
-                        let o = (v0 + j) * LANES;
-                        store(load(&s[o..]) + sa[j], &mut s[o..]);
-                        store(load(&q[o..]) + qa[j], &mut q[o..]);
-                    }
+        Layout::Nhwc => panel_sums(x, x, c, s, q),
+    }
+}
+
+/// Adds the per-channel sums of `a` and `a * b` over NHWC rows of `c`
+/// elements to `s` and `q`, in panels of 16 rows by column groups of
+/// [`GROUP`] vectors held in registers, the columns after the last whole
+/// vector one at a time: pass 1 of [`bound_sums`] (`a = b = x`) and of the
+/// backward bench's bound (`a = dy`, `b = x`).
+pub fn panel_sums(a: &[f32], b: &[f32], c: usize, s: &mut [f32], q: &mut [f32]) {
+    let nv = c / LANES;
+    for (pa, pb) in a.chunks(16 * c).zip(b.chunks(16 * c)) {
+        for v0 in (0..nv).step_by(GROUP) {
+            let g = (nv - v0).min(GROUP);
+            let mut sa = [Native::splat(0.0); GROUP];
+            let mut qa = [Native::splat(0.0); GROUP];
+            for (ra, rb) in pa.chunks_exact(c).zip(pb.chunks_exact(c)) {
+                for j in 0..g {
+                    let o = (v0 + j) * LANES;
+                    let v = load(&ra[o..]);
+                    sa[j] += v;
+                    qa[j] = v.mul_add(load(&rb[o..]), qa[j]);
                 }
-                for row in panel.chunks_exact(c) {
-                    for j in nv * LANES..c {
-                        s[j] += row[j];
-                        q[j] += row[j] * row[j];
-                    }
-                }
+            }
+            for j in 0..g {
+                let o = (v0 + j) * LANES;
+                store(load(&s[o..]) + sa[j], &mut s[o..]);
+                store(load(&q[o..]) + qa[j], &mut q[o..]);
+            }
+        }
+        for (ra, rb) in pa.chunks_exact(c).zip(pb.chunks_exact(c)) {
+            for j in nv * LANES..c {
+                s[j] += ra[j];
+                q[j] += ra[j] * rb[j];
             }
         }
     }
@@ -351,10 +359,12 @@ pub fn bound_affine(x: &[f32], y: &mut [f32], a: &[f32], b: &[f32]) {
     }
 }
 
-fn load(s: &[f32]) -> Native {
+/// The first [`LANES`] values of `s`.
+pub fn load(s: &[f32]) -> Native {
     Native::new(s[..LANES].try_into().unwrap())
 }
 
-fn store(v: Native, out: &mut [f32]) {
+/// Stores `v` to the first [`LANES`] values of `out`.
+pub fn store(v: Native, out: &mut [f32]) {
     out[..LANES].copy_from_slice(&v.to_array());
 }
