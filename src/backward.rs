@@ -956,7 +956,7 @@ impl Win {
         if mask {
             // Fold per channel into p, q (free until pass 2), then spread.
             if let (Some(pc), Some(qc)) = (p.get_mut(..cw), q.get_mut(..cw)) {
-                fold_span(params, c0, pc, qc);
+                fold_span::<f32>(params, c0, pc, qc);
             }
         }
         let positions = ch

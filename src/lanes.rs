@@ -17,7 +17,7 @@
 //! (`+fma` on x86, always on aarch64) and a multiply then an add (two
 //! roundings) elsewhere; the error bounds in crate docs §3 allow for both.
 
-use wide::{f32x16, f32x4, f32x8};
+use wide::{f32x16, f32x4, f32x8, f64x4};
 
 /// A vector of `WIDTH` independent `f32` lanes.
 ///
@@ -78,6 +78,16 @@ pub(crate) trait Lane: Copy {
     fn keep_above(self, lo: Self, v: Self) -> Self;
     /// Lane-wise `if self < hi { v } else { 0 }`.
     fn keep_below(self, hi: Self, v: Self) -> Self;
+    /// `n / sqrt(d)` for four `f64`s, the square root and the division each
+    /// correctly rounded: the per-channel coefficient of a fold. `wide`'s
+    /// `f64x4` here (`sqrtpd` and `divpd` on two halves with SSE2; its
+    /// `sqrt` is correctly rounded on every target); the run-time selected
+    /// x86-64 types override it with one `vsqrtpd` and one `vdivpd` on a
+    /// `ymm` register, the same results.
+    #[inline(always)]
+    fn quot_sqrt4(n: [f64; 4], d: [f64; 4]) -> [f64; 4] {
+        (f64x4::new(n) / f64x4::new(d).sqrt()).to_array()
+    }
 }
 
 impl Lane for f32 {

@@ -482,7 +482,8 @@ pub(crate) enum Coef<'a> {
 
 impl Coef<'_> {
     /// Coefficients of channels `c0 .. c0 + a.len()`.
-    fn fill(&self, c0: usize, a: &mut [f32], b: &mut [f32]) {
+    #[cfg_attr(all(target_arch = "x86_64", not(batchnorm_compact)), inline(always))]
+    fn fill<V: Lane>(&self, c0: usize, a: &mut [f32], b: &mut [f32]) {
         match *self {
             Coef::Given { a: ga, b: gb } => {
                 // Channels `c0 .. c0 + a.len()` exist on every call.
@@ -490,16 +491,17 @@ impl Coef<'_> {
                 copy_from(a, ga.get(c0..).unwrap_or_default());
                 copy_from(b, gb.get(c0..).unwrap_or_default());
             }
-            Coef::Fold(p) => fold_span(p, c0, a, b),
+            Coef::Fold(p) => fold_span::<V>(p, c0, a, b),
         }
     }
 
     /// Coefficients of positions `p0 .. p0 + a.len()`, position `p` in
     /// channel `p / div`.
-    fn fill_positions(&self, p0: usize, div: usize, a: &mut [f32], b: &mut [f32]) {
+    #[cfg_attr(all(target_arch = "x86_64", not(batchnorm_compact)), inline(always))]
+    fn fill_positions<V: Lane>(&self, p0: usize, div: usize, a: &mut [f32], b: &mut [f32]) {
         // `div >= 1` on every call (0 would be no layout at all).
         if div <= 1 {
-            return self.fill(p0, a, b);
+            return self.fill::<V>(p0, a, b);
         }
         let (mut ta, mut tb) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
         // The last channel; `staged` are the channels in `ta` and `tb`.
@@ -509,7 +511,7 @@ impl Coef<'_> {
             let c = p / div;
             if !staged.contains(&c) {
                 let m = (last.saturating_sub(c) + 1).min(CHUNK);
-                self.fill(c, &mut ta[..m], &mut tb[..m]);
+                self.fill::<V>(c, &mut ta[..m], &mut tb[..m]);
                 staged = c..c + m;
             }
             let j = c - staged.start;
@@ -535,7 +537,15 @@ impl Coef<'_> {
 /// ([`fold_f32`]): on a Cortex-M4F, `f64` arithmetic is software (3.5 KB of
 /// flash for add, multiply, divide, square root and the conversions, and
 /// hundreds of cycles per channel).
-pub(crate) fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
+///
+/// The square root and division go through `V` ([`Lane::quot_sqrt4`]), and
+/// on x86-64 the function is inlined into the kernel that calls it, inside
+/// its lanes' instructions: out of line and with `wide`'s `f64x4`, a
+/// default build did them as two `sqrtpd` and two `divpd` per four
+/// channels, and normalizing 1000 channels at 256 KiB ran at 0.82 of a
+/// native build's speed (AMD Zen 4, `benches/README.md`).
+#[cfg_attr(all(target_arch = "x86_64", not(batchnorm_compact)), inline(always))]
+pub(crate) fn fold_span<V: Lane>(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32]) {
     if COMPACT {
         // Channels `c0 .. c0 + a.len()` exist on validated input; `get`
         // keeps the panic paths out.
@@ -556,12 +566,12 @@ pub(crate) fn fold_span(p: &Params<'_>, c0: usize, a: &mut [f32], b: &mut [f32])
     let mut gb = b.chunks_exact_mut(4);
     let mut c = c0;
     for (xa, xb) in (&mut ga).zip(&mut gb) {
-        fold4(p, c, xa, xb);
+        fold4::<V>(p, c, xa, xb);
         c += 4;
     }
     let (ra, rb) = (ga.into_remainder(), gb.into_remainder());
     if !ra.is_empty() {
-        fold4(p, c, ra, rb);
+        fold4::<V>(p, c, ra, rb);
     }
 }
 
@@ -646,7 +656,7 @@ fn fold_f32(mean: f32, var: f32, scale: f32, offset: f32, eps: f32) -> (f32, f32
 
 /// [`fold_span`] for the (one to four) channels from `c`, `a.len()` of them.
 #[inline(always)]
-fn fold4(p: &Params<'_>, c: usize, a: &mut [f32], b: &mut [f32]) {
+fn fold4<V: Lane>(p: &Params<'_>, c: usize, a: &mut [f32], b: &mut [f32]) {
     // Channels `c .. c + a.len()` (one to four) exist on every call; a
     // missing one would read as 0 (`get`: no panic path).
     let m = a.len();
@@ -666,7 +676,8 @@ fn fold4(p: &Params<'_>, c: usize, a: &mut [f32], b: &mut [f32]) {
     };
     let scale = p.scale.map_or(f64x4::splat(1.0), ch);
     let offset = p.offset.map_or(f64x4::splat(0.0), ch);
-    let va = scale / (ch(p.variance) + f64x4::splat(p.epsilon as f64)).sqrt();
+    let var = ch(p.variance) + f64x4::splat(p.epsilon as f64);
+    let va = f64x4::new(V::quot_sqrt4(scale.to_array(), var.to_array()));
     let vb = offset - ch(p.mean) * va;
     let (va, vb) = (va.to_array(), vb.to_array());
     for ((a, b), (&va, &vb)) in a.iter_mut().zip(b.iter_mut()).zip(va.iter().zip(&vb)) {
@@ -779,7 +790,7 @@ pub fn fold(
     p.validate(shape)?;
     shape.check_channels("a", a.len())?;
     shape.check_channels("b", b.len())?;
-    fold_span(&p, 0, a, b);
+    fold_span::<f32>(&p, 0, a, b);
     Ok(())
 }
 
@@ -950,7 +961,7 @@ fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, ac
                 let mut c0 = 0;
                 while c0 < c {
                     let cw = (c - c0).min(SEGMENT);
-                    coef.fill(c0, &mut pa[..cw], &mut pb[..cw]);
+                    coef.fill::<V>(c0, &mut pa[..cw], &mut pb[..cw]);
                     io.map_runs::<V, A>(c * s, c0 * s, s, &pa[..cw], &pb[..cw], act);
                     c0 += cw;
                 }
@@ -1096,7 +1107,7 @@ fn periodic<V: Lane, A: Act, IO: Io>(
             // super-row uses a prefix of it. (`1 <= period <= lcm <= SEGMENT`:
             // the `min`s and `max`es below only let the compiler see it.)
             let period = period.min(lcm).max(1);
-            coef.fill_positions(0, div, &mut pa[..period], &mut pb[..period]);
+            coef.fill_positions::<V>(0, div, &mut pa[..period], &mut pb[..period]);
             repeat(&mut pa[..lcm], period);
             repeat(&mut pb[..lcm], period);
             let per = (lcm / period).max(1);
@@ -1153,7 +1164,7 @@ fn sweep<V: Lane, A: Act, IO: Io>(
         if len == 0 {
             return;
         }
-        coef.fill_positions(p0, div, a, b);
+        coef.fill_positions::<V>(p0, div, a, b);
         pattern_rows::<V, A, IO>(io, p0, rows, period, a, b, act);
         p0 += len;
     }

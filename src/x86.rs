@@ -216,6 +216,16 @@ impl<const S: usize> Lane for Avx2<S> {
         let m = isa!(_mm256_cmp_ps::<_CMP_LT_OQ>(self.0, hi.0));
         Avx2(isa!(_mm256_and_ps(m, v.0)))
     }
+    /// One `vsqrtpd` and one `vdivpd` on a `ymm` register (SSE2 needs two
+    /// of each).
+    #[inline(always)]
+    fn quot_sqrt4(n: [f64; 4], d: [f64; 4]) -> [f64; 4] {
+        let root = isa!(_mm256_sqrt_pd(_mm256_loadu_pd(d.as_ptr())));
+        let q = isa!(_mm256_div_pd(_mm256_loadu_pd(n.as_ptr()), root));
+        let mut out = [0.0; 4];
+        isa!(_mm256_storeu_pd(out.as_mut_ptr(), q));
+        out
+    }
 }
 
 /// Sixteen `f32` lanes in one `zmm` register (AVX-512F); tails go through
@@ -294,5 +304,10 @@ impl Lane for Avx512 {
     fn keep_below(self, hi: Self, v: Self) -> Self {
         let m = isa!(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, hi.0));
         Avx512(isa!(_mm512_maskz_mov_ps(m, v.0)))
+    }
+    /// [`Avx2`]'s: four `f64` fill a `ymm` register.
+    #[inline(always)]
+    fn quot_sqrt4(n: [f64; 4], d: [f64; 4]) -> [f64; 4] {
+        Avx2::<8>::quot_sqrt4(n, d)
     }
 }

@@ -157,6 +157,66 @@ fn affine_matches_fold_then_normalize() {
     }
 }
 
+/// The fold inside `normalize` (on x86-64 the lane type's `f64` square root
+/// and division: `ymm` ones on the AVX2 and AVX-512 widths) gives what
+/// `fold` gives, bit for bit, on every width and layout, with variances
+/// from zero (`eps` alone) and subnormal to `f32::MAX`.
+#[test]
+fn every_width_folds_as_fold_does() {
+    let mut rng = Rng::new(13);
+    let var_of = [
+        0.0,
+        f32::from_bits(1),
+        f32::MIN_POSITIVE,
+        1e-30,
+        1.0,
+        1e30,
+        f32::MAX,
+    ];
+    for c in [1, 3, 4, 5, 13, 64, 1000, 1001] {
+        let var: Vec<f32> = (0..c).map(|i| var_of[(i * 5 + c) % var_of.len()]).collect();
+        let mean: Vec<f32> = (0..c).map(|_| rng.normal() as f32).collect();
+        let scale: Vec<f32> = (0..c).map(|_| rng.normal() as f32 * 4.0).collect();
+        let offset: Vec<f32> = (0..c).map(|_| rng.normal() as f32).collect();
+        let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
+        batchnorm::fold(
+            &mean,
+            &var,
+            Some(&scale),
+            Some(&offset),
+            1e-5,
+            &mut a,
+            &mut b,
+        )
+        .unwrap();
+        let p = Params {
+            mean: &mean,
+            variance: &var,
+            scale: Some(&scale),
+            offset: Some(&offset),
+            epsilon: 1e-5,
+            activation: Activation::None,
+        };
+        for shape in [
+            Shape::nhwc(2, 3, c),
+            Shape::nchw(2, c, 1),
+            Shape::nchw(1, c, 37),
+        ] {
+            let x: Vec<f32> = (0..shape.len().unwrap())
+                .map(|_| rng.normal() as f32)
+                .collect();
+            for simd in Simd::ALL {
+                let (mut y1, mut y2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+                simd.affine(&x, &mut y1, shape, &a, &b, Activation::None)
+                    .unwrap();
+                simd.normalize(&x, &mut y2, shape, &p).unwrap();
+                let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y1), bits(&y2), "{simd:?} {shape:?}");
+            }
+        }
+    }
+}
+
 /// `fold` (four channels at a time, then one) is the `f64` reference fold
 /// rounded once, bit for bit, whatever the channel count and the values:
 /// zero and huge variances, `eps = 0` (infinite `a`), NaN and infinite
