@@ -79,6 +79,7 @@ fn bound_backward(
 }
 
 fn bench(cr: &mut Criterion) {
+    let simd = simd();
     for layout in [Layout::Nhwc, Layout::Nchw] {
         for &c in &CHANNELS {
             let mut group = cr.benchmark_group(format!("backward/{layout:?}/C{c}"));
@@ -88,7 +89,7 @@ fn bench(cr: &mut Criterion) {
                 let xb = input(len);
                 let x = &xb[1..];
                 let dyv: Vec<f32> = input(len + 3)[3..].iter().map(|v| v - 9.0).collect();
-                let dyb = placed(&dyv, DY_AT);
+                let dyb = placed(&dyv, dy_at());
                 let dy = &dyb[1..len + 1];
                 let mut out = output(len);
                 let mut mean = vec![0.0f32; c];
@@ -145,7 +146,7 @@ fn bench(cr: &mut Criterion) {
                                 dscale: &mut ds,
                                 doffset: &mut dof,
                             };
-                            batchnorm::backward(black_box(x), black_box(dy), shape, &p, mode, g)
+                            simd.backward(black_box(x), black_box(dy), shape, &p, mode, g)
                                 .unwrap()
                         })
                     });

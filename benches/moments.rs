@@ -28,7 +28,7 @@
 //! * `roofline_read`: a plain 4-accumulator SIMD sum with the widest `wide`
 //!   type the build runs natively (`f32x16` with `avx512f`, `f32x8` with
 //!   `avx`, else `f32x4`): the machine's read limit, measured in this run.
-//! * `moments`: the kernel (`Simd::detect()` lanes).
+//! * `moments`: the kernel (`Simd::detect()` lanes, or `BN_BENCH_SIMD`'s).
 //! * `bound_sums`, for NCHW and for NHWC with C >= 256: the structural bound
 //!   of `common` (per-channel `f32` sums of `x` and `x²` in the same access
 //!   pattern, with none of the kernel's numerics): how much of the roofline
@@ -109,6 +109,7 @@ fn naive_welford(x: &[f32], shape: Shape, st: &mut Welford, mean: &mut [f32], va
 }
 
 fn bench(cr: &mut Criterion) {
+    let simd = simd();
     for layout in [Layout::Nhwc, Layout::Nchw] {
         for &c in &CHANNELS {
             let mut group = cr.benchmark_group(format!("moments/{layout:?}/C{c}"));
@@ -120,7 +121,7 @@ fn bench(cr: &mut Criterion) {
                 let (mut mean, mut var) = (vec![0.0f32; c], vec![0.0f32; c]);
                 let id = label(bytes);
 
-                batchnorm::moments(x, shape, &mut mean, &mut var).unwrap();
+                simd.moments(x, shape, &mut mean, &mut var).unwrap();
                 if bytes <= BASELINE_MAX {
                     if let Err(m) = reference::check_moments(x, shape, &mean, &var) {
                         panic!("moments/{layout:?}/C{c}/{id} {shape:?}: {m}");
@@ -134,7 +135,8 @@ fn bench(cr: &mut Criterion) {
                 });
                 group.bench_function(BenchmarkId::new("moments", &id), |b| {
                     b.iter(|| {
-                        batchnorm::moments(black_box(x), shape, &mut mean, &mut var).unwrap();
+                        simd.moments(black_box(x), shape, &mut mean, &mut var)
+                            .unwrap();
                         black_box((&mean, &var));
                     })
                 });

@@ -13,6 +13,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use std::hint::black_box;
 
 fn bench(cr: &mut Criterion) {
+    let simd = simd();
     for layout in [Layout::Nhwc, Layout::Nchw] {
         for &c in &CHANNELS {
             let mut group = cr.benchmark_group(format!("normalize/{layout:?}/C{c}"));
@@ -55,20 +56,14 @@ fn bench(cr: &mut Criterion) {
                 bench_bound_affine(&mut group, &id, x, &mut out[1..], shape, (&a, &b));
                 group.bench_function(BenchmarkId::new("affine", &id), |bn| {
                     bn.iter(|| {
-                        batchnorm::affine(
-                            black_box(x),
-                            &mut out[1..],
-                            shape,
-                            &a,
-                            &b,
-                            Activation::None,
-                        )
-                        .unwrap()
+                        simd.affine(black_box(x), &mut out[1..], shape, &a, &b, Activation::None)
+                            .unwrap()
                     })
                 });
                 group.bench_function(BenchmarkId::new("normalize", &id), |bn| {
                     bn.iter(|| {
-                        batchnorm::normalize(black_box(x), &mut out[1..], shape, &p).unwrap()
+                        simd.normalize(black_box(x), &mut out[1..], shape, &p)
+                            .unwrap()
                     })
                 });
                 group.bench_function(BenchmarkId::new("normalize_relu", &id), |bn| {
@@ -77,7 +72,8 @@ fn bench(cr: &mut Criterion) {
                         ..p
                     };
                     bn.iter(|| {
-                        batchnorm::normalize(black_box(x), &mut out[1..], shape, &p).unwrap()
+                        simd.normalize(black_box(x), &mut out[1..], shape, &p)
+                            .unwrap()
                     })
                 });
             }

@@ -33,7 +33,9 @@ fn bench(cr: &mut Criterion) {
                     variance: &mut mv,
                     batches: 0,
                 };
-                let mut bn = BatchNorm::new(Config::keras(), moving).unwrap();
+                let mut bn = BatchNorm::new(Config::keras(), moving)
+                    .unwrap()
+                    .with_simd(simd());
                 let mut batch = Batch {
                     mean: &mut bm,
                     variance: &mut bv,

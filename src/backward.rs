@@ -615,7 +615,7 @@ impl Io for Split<'_> {
         // ([`paired_rows`]): four loads per output vector instead of six in
         // training mode. Not on small-stack targets: the pair's slices
         // took 168 B more of a Cortex-M4 frame (3,724 B of 4,096).
-        let paired = !SMALL_STACK && paired_rows(rows, stride, len);
+        let paired = !SMALL_STACK && paired_rows::<V>(rows, stride, len);
         while paired && r0 + 2 <= rows {
             let base = start + r0 * stride;
             let span = base..base + stride + len;
@@ -737,7 +737,7 @@ impl Io for InPlace<'_> {
         let (w, len) = (V::WIDTH, pat.m.len());
         let mut r0 = 0;
         // Two rows per pass over the coefficients, as for `Split`.
-        let paired = !SMALL_STACK && paired_rows(rows, stride, len);
+        let paired = !SMALL_STACK && paired_rows::<V>(rows, stride, len);
         while paired && r0 + 2 <= rows {
             let base = start + r0 * stride;
             let span = base..base + stride + len;
@@ -939,7 +939,18 @@ impl Win {
 
     /// Before pass 1 of window channels `c0 .. c0 + cw` with `npos`
     /// positions: the mask's `a`, `b` and the mean per position, sums zeroed.
-    fn start(&mut self, params: &Params<'_>, c0: usize, cw: usize, npos: usize, mask: bool) {
+    /// Runs inside the lane type's instructions ([`enabled!`]), so that its
+    /// fold is `V`'s (`ymm` square roots with AVX2 and AVX-512), not the
+    /// build's baseline.
+    fn start<V: Lane>(
+        &mut self,
+        params: &Params<'_>,
+        c0: usize,
+        cw: usize,
+        npos: usize,
+        mask: bool,
+    ) {
+        enabled!(V => {
         // Positions and channels of a window are within it; `get` and the
         // iterators keep the panic paths out.
         let Win {
@@ -956,7 +967,7 @@ impl Win {
         if mask {
             // Fold per channel into p, q (free until pass 2), then spread.
             if let (Some(pc), Some(qc)) = (p.get_mut(..cw), q.get_mut(..cw)) {
-                fold_span::<f32>(params, c0, pc, qc);
+                fold_span::<V>(params, c0, pc, qc);
             }
         }
         let positions = ch
@@ -978,15 +989,17 @@ impl Win {
         sums.for_each(|s| *s = 0.0);
         let mut chans = ch.iter().take(npos).enumerate();
         self.ident = chans.all(|(j, &k)| k as usize == j);
+        })
     }
 
     /// After pass 1: writes `dscale`, `doffset` of the window's channels and
     /// the per-position `p`, `q`, `r` of pass 2: computed per channel into
     /// the first `cw` entries, then spread to the positions from the last
     /// down (a position's channel is never after it, so no channel entry is
-    /// overwritten before it is read).
+    /// overwritten before it is read). Inside the lane type's instructions,
+    /// as [`Win::start`] is.
     #[allow(clippy::too_many_arguments)]
-    fn finish(
+    fn finish<V: Lane>(
         &mut self,
         params: &Params<'_>,
         mode: Mode,
@@ -996,6 +1009,7 @@ impl Win {
         npos: usize,
         outs: &mut Outs<'_>,
     ) {
+        enabled!(V => {
         let training = mode == Mode::Training;
         let per_count = 1.0 / count;
         let eps = params.epsilon as f64;
@@ -1049,7 +1063,7 @@ impl Win {
             for (((v, (ds, dof)), (sg, sgd)), ((p, q), r)) in
                 ins4.zip(sums4).zip(coefs4.zip(r.chunks_exact_mut(4)))
             {
-                let inv = one / (f4(v) + e).sqrt();
+                let inv = f64x4::new(V::quot_sqrt4([1.0; 4], (f4(v) + e).to_array()));
                 let sc = match scale.and_then(|s| s.get(k0..k0 + 4)) {
                     Some(s) => f4(s),
                     None => one,
@@ -1085,8 +1099,7 @@ impl Win {
                 if k % 4 == 0 {
                     let v4: [f64; 4] =
                         core::array::from_fn(|j| var.get(k + j).copied().unwrap_or(0.0) as f64);
-                    inv4 = (f64x4::splat(1.0) / (f64x4::new(v4) + f64x4::splat(eps)).sqrt())
-                        .to_array();
+                    inv4 = V::quot_sqrt4([1.0; 4], (f64x4::new(v4) + f64x4::splat(eps)).to_array());
                 }
                 inv4.get(k % 4).copied().unwrap_or(0.0)
             };
@@ -1112,6 +1125,7 @@ impl Win {
                 }
             }
         }
+        })
     }
 }
 
@@ -1197,7 +1211,7 @@ fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
             let mut c0 = 0;
             while c0 < c {
                 let cw = (c - c0).min(WINDOW);
-                win.start(params, c0, cw, cw, masked);
+                win.start::<V>(params, c0, cw, cw, masked);
                 let (x, dy) = (io.x(), io.dy());
                 for i in 0..n {
                     for k in 0..cw {
@@ -1211,7 +1225,7 @@ fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
                         win.sgd[k] += gd;
                     }
                 }
-                win.finish(params, mode, count, c0, cw, cw, &mut outs);
+                win.finish::<V>(params, mode, count, c0, cw, cw, &mut outs);
                 for i in 0..n {
                     for k in 0..cw {
                         let Some(pat) = win.pat(k, k + 1) else {
@@ -1268,11 +1282,11 @@ fn periodic<V: Lane, M: Mask, F: Form, IO: Io>(
     let mut both = |io: &mut IO, win: &mut Win, c0: usize, cw: usize, strips: &[Strip]| {
         let npos = strips.first().map_or(0, |t| t.len.max(t.off));
         let npos = strips.iter().fold(npos, |a, t| a.max(t.off + t.len));
-        win.start(params, c0, cw, npos, masked);
+        win.start::<V>(params, c0, cw, npos, masked);
         for &t in strips {
             sums_strip::<V, M>(io.x(), io.dy(), t, win, mask);
         }
-        win.finish(params, mode, count, c0, cw, npos, &mut outs);
+        win.finish::<V>(params, mode, count, c0, cw, npos, &mut outs);
         for &t in strips {
             dx_strip::<V, M, F, IO>(io, t, win, mask, form);
         }

@@ -66,12 +66,22 @@ const LONG_SEGMENT: usize = 2048;
 /// 7.2; equal at 4 MiB, ahead below (AMD Zen 3, `benches/README.md`).
 const PAIRED_ROWS_MAX: usize = 1 << 20;
 
+/// Widest lanes whose rows [`Io::map_pattern`] takes two at a time. The
+/// saved coefficient load paid with AVX2 on AMD Zen 3 (NHWC C = 1000 at
+/// 256 KiB 19.1–19.4 against 17.5–17.9 GB/s) and cost on an Intel Xeon
+/// with AVX-512, at 256 KiB: 16 lanes one row at a time ran NHWC C = 1000
+/// normalization in half the time (0.48 to 0.93 of the roofline), with 8
+/// lanes 0.59 to 0.86 there; with AVX-512 on AMD Zen 4 the two were even
+/// (`benches/README.md`). So 16 lanes take one row at a time everywhere.
+const PAIRED_WIDTH_MAX: usize = 8;
+
 /// Whether [`Io::map_pattern`] takes `rows` rows of `len` elements,
 /// `stride` apart, two at a time: rows that do not overlap, on a tensor of
-/// at most [`PAIRED_ROWS_MAX`] elements.
+/// at most [`PAIRED_ROWS_MAX`] elements, with at most [`PAIRED_WIDTH_MAX`]
+/// lanes.
 #[inline(always)]
-pub(crate) fn paired_rows(rows: usize, stride: usize, len: usize) -> bool {
-    stride >= len && rows.saturating_mul(stride) <= PAIRED_ROWS_MAX
+pub(crate) fn paired_rows<V: Lane>(rows: usize, stride: usize, len: usize) -> bool {
+    V::WIDTH <= PAIRED_WIDTH_MAX && stride >= len && rows.saturating_mul(stride) <= PAIRED_ROWS_MAX
 }
 
 /// Channels whose coefficients are folded at a time while they are spread
@@ -308,7 +318,7 @@ impl Io for Split<'_> {
         // loaded once, serves both, two loads per output vector instead of
         // three (the load ports, not the stores, bounded NHWC rows of many
         // vectors with AVX2), on tensors up to `PAIRED_ROWS_MAX` ([`paired_rows`]).
-        let paired = paired_rows(rows, stride, len);
+        let paired = paired_rows::<V>(rows, stride, len);
         while r + 2 <= rows && paired {
             let base = start + r * stride;
             let (Some(x), Some(y)) = (
@@ -420,7 +430,7 @@ impl Io for InPlace<'_> {
         let (w, len) = (V::WIDTH, pa.len());
         let mut r = 0;
         // Two rows per pass over the coefficients, as for `Split`.
-        let paired = paired_rows(rows, stride, len);
+        let paired = paired_rows::<V>(rows, stride, len);
         while r + 2 <= rows && paired {
             let base = start + r * stride;
             let Some(y) = span_mut(self.0, base, stride + len) else {

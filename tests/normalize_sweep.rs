@@ -117,24 +117,36 @@ fn split_and_in_place(simd: Simd, shape: Shape, x: &[f32], p: &Params<'_>, off: 
     );
 }
 
+/// `affine` with `fold`'s coefficients gives what `normalize` gives (whose
+/// fold is, on x86-64, the lane type's `f64` square root and division:
+/// `ymm` ones on the AVX2 and AVX-512 widths), bit for bit, out of place
+/// and in place, on every width and layout.
+fn assert_fold_then_affine_is_normalize(simd: Simd, shape: Shape, x: &[f32], p: &Params<'_>) {
+    let c = shape.channels;
+    let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
+    batchnorm::fold(
+        p.mean, p.variance, p.scale, p.offset, p.epsilon, &mut a, &mut b,
+    )
+    .unwrap();
+    let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let (mut y1, mut y2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    simd.affine(x, &mut y1, shape, &a, &b, p.activation)
+        .unwrap();
+    simd.normalize(x, &mut y2, shape, p).unwrap();
+    assert_eq!(bits(&y1), bits(&y2), "{simd:?} {shape:?}");
+    let mut y3 = x.to_vec();
+    simd.affine_in_place(&mut y3, shape, &a, &b, p.activation)
+        .unwrap();
+    assert_eq!(bits(&y1), bits(&y3), "{simd:?} {shape:?} in place");
+}
+
+/// Random statistics on the sweep's shapes around every lane width.
 #[test]
 fn affine_matches_fold_then_normalize() {
     let mut rng = Rng::new(11);
     for simd in Simd::ALL {
         for shape in shapes(simd.lanes().max(2)) {
             let k = case(&mut rng, shape);
-            let c = shape.channels;
-            let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
-            batchnorm::fold(
-                &k.mean,
-                &k.var,
-                Some(&k.scale),
-                Some(&k.offset),
-                1e-5,
-                &mut a,
-                &mut b,
-            )
-            .unwrap();
             let p = Params {
                 mean: &k.mean,
                 variance: &k.var,
@@ -143,26 +155,14 @@ fn affine_matches_fold_then_normalize() {
                 epsilon: 1e-5,
                 activation: Activation::Relu6,
             };
-            let mut y1 = vec![0.0; k.x.len()];
-            let mut y2 = vec![0.0; k.x.len()];
-            simd.affine(&k.x, &mut y1, shape, &a, &b, Activation::Relu6)
-                .unwrap();
-            simd.normalize(&k.x, &mut y2, shape, &p).unwrap();
-            assert_eq!(y1, y2, "{simd:?} {shape:?}");
-            let mut y3 = k.x.clone();
-            simd.affine_in_place(&mut y3, shape, &a, &b, Activation::Relu6)
-                .unwrap();
-            assert_eq!(y1, y3, "{simd:?} {shape:?}");
+            assert_fold_then_affine_is_normalize(simd, shape, &k.x, &p);
         }
     }
 }
 
-/// The fold inside `normalize` (on x86-64 the lane type's `f64` square root
-/// and division: `ymm` ones on the AVX2 and AVX-512 widths) gives what
-/// `fold` gives, bit for bit, on every width and layout, with variances
-/// from zero (`eps` alone) and subnormal to `f32::MAX`.
+/// Variances from zero (`eps` alone) and subnormal to `f32::MAX`.
 #[test]
-fn every_width_folds_as_fold_does() {
+fn affine_matches_fold_then_normalize_on_extreme_variances() {
     let mut rng = Rng::new(13);
     let var_of = [
         0.0,
@@ -178,17 +178,6 @@ fn every_width_folds_as_fold_does() {
         let mean: Vec<f32> = (0..c).map(|_| rng.normal() as f32).collect();
         let scale: Vec<f32> = (0..c).map(|_| rng.normal() as f32 * 4.0).collect();
         let offset: Vec<f32> = (0..c).map(|_| rng.normal() as f32).collect();
-        let (mut a, mut b) = (vec![0.0; c], vec![0.0; c]);
-        batchnorm::fold(
-            &mean,
-            &var,
-            Some(&scale),
-            Some(&offset),
-            1e-5,
-            &mut a,
-            &mut b,
-        )
-        .unwrap();
         let p = Params {
             mean: &mean,
             variance: &var,
@@ -206,12 +195,7 @@ fn every_width_folds_as_fold_does() {
                 .map(|_| rng.normal() as f32)
                 .collect();
             for simd in Simd::ALL {
-                let (mut y1, mut y2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-                simd.affine(&x, &mut y1, shape, &a, &b, Activation::None)
-                    .unwrap();
-                simd.normalize(&x, &mut y2, shape, &p).unwrap();
-                let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&y1), bits(&y2), "{simd:?} {shape:?}");
+                assert_fold_then_affine_is_normalize(simd, shape, &x, &p);
             }
         }
     }
@@ -382,8 +366,9 @@ fn fold_extremes_keep_their_bounds() {
 }
 
 /// Channels-last rows go two at a time on tensors of at most 2^20 elements
-/// and one at a time above: both sides of the boundary, split and in place,
-/// an odd row count on each, against the reference.
+/// and one at a time above (always one with sixteen lanes): both sides of
+/// the boundary, on every width, split and in place, an odd row count on
+/// each, against the reference.
 #[test]
 fn paired_rows_either_side_of_the_size_limit() {
     let mut rng = Rng::new(11);

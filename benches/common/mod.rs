@@ -25,10 +25,10 @@
 //!   wider than one column group of [`GROUP`] vectors.
 //!
 //! Both use the widest `wide` type the build runs natively (the same one
-//! `Simd::detect()` picks).
+//! `Simd::detect()` picks in a native build).
 #![allow(dead_code)]
 
-use batchnorm::{Layout, Shape};
+use batchnorm::{Layout, Shape, Simd};
 use criterion::{measurement::WallTime, BenchmarkGroup, BenchmarkId};
 use std::hint::black_box;
 use std::time::Duration;
@@ -102,14 +102,38 @@ impl std::ops::DerefMut for Placed {
 /// (`dy`) and the outputs: one float past a cache line (every load and
 /// store misaligned, as in a tensor sliced at an odd element), and a
 /// quarter or half page apart so that no load aliases a store.
-/// `BN_BENCH_OUT_AT` overrides the outputs' (4 puts them beside the input).
-pub const X_AT: usize = 4;
-pub const DY_AT: usize = 1024 + 4;
+/// `BN_BENCH_X_AT`, `BN_BENCH_DY_AT` and `BN_BENCH_OUT_AT` override them
+/// (multiples of 64 align the slices to cache lines; an output at 4 sits
+/// beside the input).
+pub fn x_at() -> usize {
+    env_usize("BN_BENCH_X_AT").unwrap_or(4)
+}
+/// See [`x_at`].
+pub fn dy_at() -> usize {
+    env_usize("BN_BENCH_DY_AT").unwrap_or(1024 + 4)
+}
+/// See [`x_at`].
 pub fn out_at() -> usize {
-    std::env::var("BN_BENCH_OUT_AT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2048 + 4)
+    env_usize("BN_BENCH_OUT_AT").unwrap_or(2048 + 4)
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+/// The lane width the kernels run: [`Simd::detect`], or the one
+/// `BN_BENCH_SIMD` names (`scalar`, `x4`, `x8`, `x16`), to compare widths
+/// on one machine. The rooflines and bounds keep the build's [`Native`]
+/// width.
+pub fn simd() -> Simd {
+    match std::env::var("BN_BENCH_SIMD").as_deref() {
+        Ok("scalar") => Simd::Scalar,
+        Ok("x4") => Simd::X4,
+        Ok("x8") => Simd::X8,
+        Ok("x16") => Simd::X16,
+        Ok(other) => panic!("BN_BENCH_SIMD={other}: want scalar, x4, x8 or x16"),
+        Err(_) => Simd::detect(),
+    }
 }
 
 /// `values` copied to a buffer whose element 1 is at byte `at` of a page.
@@ -129,7 +153,7 @@ pub fn placed(values: &[f32], at: usize) -> Placed {
 
 /// `len` deterministic pseudo-random values around per-position offsets,
 /// after one float (use `&buf[1..]`: every load is misaligned), element 1
-/// at [`X_AT`].
+/// at [`x_at`].
 pub fn input(len: usize) -> Placed {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let v: Vec<f32> = (0..len + 1)
@@ -140,7 +164,7 @@ pub fn input(len: usize) -> Placed {
             (i % 7) as f32 * 3.0 + (state >> 40) as f32 / (1u64 << 24) as f32
         })
         .collect();
-    placed(&v, X_AT)
+    placed(&v, x_at())
 }
 
 /// `len + 1` zeros for an output (use `&mut out[1..]`), element 1 at
