@@ -33,6 +33,10 @@
 //!   of `common` (per-channel `f32` sums of `x` and `x²` in the same access
 //!   pattern, with none of the kernel's numerics): how much of the roofline
 //!   the layout leaves to any per-channel kernel.
+//! * `bound_ops`, every cell: the kernel's three vector operations per
+//!   input vector (shift, sum, square) over the flat input with
+//!   four accumulator pairs, in the roofline's access pattern: how much of
+//!   the roofline the operation count leaves (`common::bound_ops`).
 //! * sizes <= 1 MiB only: `reference_f64`, the crate's scalar `f64`
 //!   two-pass oracle, and `naive_welford`, a per-element Welford update in
 //!   `f32` per channel (one division and a dependent update per element),
@@ -141,6 +145,9 @@ fn bench(cr: &mut Criterion) {
                     })
                 });
                 bench_bound_sums(&mut group, &id, x, shape);
+                group.bench_function(BenchmarkId::new("bound_ops", &id), |b| {
+                    b.iter(|| black_box(bound_ops(black_box(x))))
+                });
                 if bytes <= BASELINE_MAX {
                     let (mut rmean, mut rvar) = (vec![0.0f64; c], vec![0.0f64; c]);
                     group.bench_function(BenchmarkId::new("reference_f64", &id), |b| {

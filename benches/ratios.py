@@ -25,7 +25,9 @@ ratio = limit time / kernel time (= kernel GB/s / limit GB/s). GB/s are
 marked `*`.
 
 bound = limit time / structural-bound time, where the group measured one
-(benches/common: `bound_sums` for moments, `bound_affine` for affine,
+(benches/common: for moments the slower of `bound_sums` and `bound_ops`,
+the kernel's three operations per vector in the roofline's pattern;
+`bound_affine` for affine,
 normalize and infer; for train their times added, a roofline standing in for
 a pass without one; `bound_backward` of benches/backward.rs for backward
 and backward_relu): the share of the limit that the simplest kernel in the
@@ -124,7 +126,10 @@ def bound_for(func, funcs):
     if func.startswith(RW_KERNELS):
         return affine[1] if affine else None
     if func == "moments":
-        return sums[1] if sums else None
+        # The kernel has both the layout's access pattern and the three
+        # operations per vector: the slower of the two bounds holds.
+        times = [b[1] for b in (sums, funcs.get("bound_ops")) if b]
+        return max(times) if times else None
     return None
 
 

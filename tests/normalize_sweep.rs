@@ -387,3 +387,84 @@ fn paired_rows_either_side_of_the_size_limit() {
         }
     }
 }
+
+/// Tensors the widest lanes write in aligned vectors, with an overlapping
+/// whole vector at each end (NCHW runs of four vectors and more, periodic
+/// tensors of at least one pattern), give the same bits wherever the input
+/// and output sit (every phase against 64 bytes, independently), out of
+/// place and in place. A quarter of the inputs equal their channel's mean,
+/// where `x * a + b` with one rounding (a fused multiply-add) and with two
+/// (the scalar lane) differ.
+#[test]
+fn results_do_not_depend_on_alignment() {
+    let mut rng = Rng::new(41);
+    let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for simd in Simd::ALL {
+        let w = simd.lanes().max(1);
+        let mut shapes: Vec<Shape> = [4 * w - 1, 4 * w, 4 * w + 1, 5 * w + 3, 108]
+            .iter()
+            .map(|&s| Shape::nchw(2, 3, s))
+            .collect();
+        // Periodic tensors: channels last (patterns of one to sixteen
+        // vectors, and longer ones), and channels first with runs shorter
+        // than a vector; with and without a partial last pattern.
+        for c in [3, 16, 24, 64, 100] {
+            for rows in [4 * w + 1, 16 * w + 3, 100] {
+                shapes.push(Shape::nhwc(rows, 1, c));
+            }
+        }
+        for rows in [2, 7, 33] {
+            shapes.push(Shape::nchw(rows, 3, 5));
+        }
+        for shape in shapes {
+            let c = shape.channels;
+            let mean: Vec<f32> = (0..c).map(|k| 0.1 + 0.37 * k as f32).collect();
+            let var: Vec<f32> = (0..c).map(|k| 0.3 + 0.5 * k as f32).collect();
+            let scale: Vec<f32> = (0..c).map(|k| 1.7 - 0.2 * k as f32).collect();
+            let offset: Vec<f32> = (0..c).map(|k| 0.25 - 0.45 * k as f32).collect();
+            let p = Params {
+                mean: &mean,
+                variance: &var,
+                scale: Some(&scale),
+                offset: Some(&offset),
+                epsilon: 1e-3,
+                activation: Activation::None,
+            };
+            let channel = |i: usize| match shape.layout {
+                batchnorm::Layout::Nchw => i / shape.spatial % c,
+                batchnorm::Layout::Nhwc => i % c,
+            };
+            let x: Vec<f32> = (0..shape.len().unwrap())
+                .map(|i| {
+                    let m = mean[channel(i)];
+                    if rng.below(4) == 0 {
+                        m
+                    } else {
+                        m + rng.normal() as f32
+                    }
+                })
+                .collect();
+            let mut want = vec![0.0; x.len()];
+            simd.normalize(&x, &mut want, shape, &p).unwrap();
+            if let Err(e) = reference::check_normalize(&x, shape, &p, &want) {
+                panic!("{simd:?} {shape:?}: {e}");
+            }
+            for xo in 0..16 {
+                let xb = misaligned(&x, xo);
+                for yo in 0..16 {
+                    let mut yb = vec![f32::NAN; x.len() + 16];
+                    let y = &mut yb[yo..][..x.len()];
+                    simd.normalize(&xb[xo..], y, shape, &p).unwrap();
+                    assert_eq!(bits(y), bits(&want), "{simd:?} {shape:?} x +{xo} y +{yo}");
+                }
+                let mut z = xb.clone();
+                simd.normalize_in_place(&mut z[xo..], shape, &p).unwrap();
+                assert_eq!(
+                    bits(&z[xo..]),
+                    bits(&want),
+                    "{simd:?} {shape:?} in place +{xo}"
+                );
+            }
+        }
+    }
+}

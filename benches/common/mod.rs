@@ -20,6 +20,10 @@
 //! * [`bound_affine`] (affine, normalize, infer): NHWC `y = x * a[c] + b[c]`
 //!   with both coefficients loaded from memory for every vector, as rows
 //!   wider than the register file force.
+//! * [`bound_ops`] (moments, every cell): the kernel's three vector
+//!   operations per input vector in the roofline's access pattern; not an
+//!   access-pattern bound but an operation-count one, for cores where
+//!   three operations per vector cannot keep up with L2.
 //! * `bound_backward` (training-mode backward, in `benches/backward.rs`):
 //!   the two passes of the first two bounds over two inputs, for NHWC rows
 //!   wider than one column group of [`GROUP`] vectors.
@@ -215,6 +219,39 @@ pub fn roofline_rw(x: &[f32], y: &mut [f32]) {
     for (xv, yv) in xs.remainder().iter().zip(ys.into_remainder()) {
         *yv = xv * 1.5 - 0.25;
     }
+}
+
+/// The moments kernel's arithmetic without its access pattern: over the
+/// flat input, four accumulator pairs of `d = k - x`, `s -= d`,
+/// `q += d * d` (`k` the first element), the three vector operations per
+/// input vector every moments path does (the shift that keeps
+/// ill-conditioned data accurate, the sum, the square). No channels, blocks
+/// or `f64`. Where the read roofline's one operation per vector leaves the
+/// core idle while data streams from L2, these three may not: on a core
+/// with two 512-bit FP ports they take 1.5 cycles per 64 bytes, so this
+/// bound says how much of the roofline the operation count leaves to any
+/// shifted single-pass kernel.
+#[inline(never)]
+pub fn bound_ops(x: &[f32]) -> f32 {
+    let k1 = x.first().copied().unwrap_or(0.0);
+    let k = Native::splat(k1);
+    let (mut s, mut q) = ([Native::splat(0.0); 4], [Native::splat(0.0); 4]);
+    let mut chunks = x.chunks_exact(4 * LANES);
+    for c in &mut chunks {
+        for (j, (sv, qv)) in s.iter_mut().zip(q.iter_mut()).enumerate() {
+            let d = k - Native::new(c[j * LANES..(j + 1) * LANES].try_into().unwrap());
+            *sv -= d;
+            *qv = d.mul_add(d, *qv);
+        }
+    }
+    let (mut st, mut qt) = (0.0f32, 0.0f32);
+    for &v in chunks.remainder() {
+        let d = k1 - v;
+        st -= d;
+        qt += d * d;
+    }
+    let (s, q) = ((s[0] + s[1]) + (s[2] + s[3]), (q[0] + q[1]) + (q[2] + q[3]));
+    s.reduce_add() + q.reduce_add() + st + qt
 }
 
 /// Narrowest NHWC row (in elements) [`bound_sums`] and [`bound_affine`] are

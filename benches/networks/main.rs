@@ -9,7 +9,9 @@
 //!
 //! Each line of the cells file is `C HW` (channels, spatial positions).
 //! `BN_NET_BATCHES` (default `1 32`) and `BN_NET_REPEATS` (default 3) set the
-//! batch sizes and the number of timed batches. Inference is
+//! batch sizes and the number of timed batches; `BN_NET_ALIGN=<bytes>` puts
+//! the input and output at that offset from 64 bytes (default: wherever the
+//! `Vec` starts). Inference is
 //! `BatchNorm::infer` (the README's inference path), the training step
 //! `BatchNorm::train` (batch moments, normalization, moving update), both
 //! with `Config::pytorch()` (eps 1e-5, momentum 0.1). The input is the
@@ -212,12 +214,21 @@ impl Cell<'_> {
     }
 }
 
-/// A zeroed buffer of `len` floats. On Linux, above 4 MiB, the pages are
+/// A zeroed buffer of at least `len` floats and the index where its `len`
+/// floats start: 0, or with `BN_NET_ALIGN=<bytes>` (a multiple of 4 below
+/// 64) the first index at that byte offset from a 64-byte boundary. The
+/// peers write to their own allocators' 64-byte aligned outputs; a `Vec`
+/// above glibc's mmap threshold starts 16 bytes past a page. On Linux,
+/// above 4 MiB, the pages are
 /// first marked `MADV_HUGEPAGE`, as numpy does for its arrays (and so for
 /// the peers' inputs and outputs): with transparent huge pages in `madvise`
 /// mode, the kernels would otherwise stream over 4 KiB pages where the peers
 /// get 2 MiB ones. `BN_NET_HUGEPAGES=0` turns this off.
-fn buffer(len: usize) -> Vec<f32> {
+fn buffer(len: usize) -> (Vec<f32>, usize) {
+    let align: Option<usize> = std::env::var("BN_NET_ALIGN")
+        .ok()
+        .map(|s| s.parse().expect("BN_NET_ALIGN: a byte offset"));
+    let len = len + if align.is_some() { 16 } else { 0 };
     let mut v: Vec<f32> = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     if len * 4 >= 4 << 20 && std::env::var("BN_NET_HUGEPAGES").as_deref() != Ok("0") {
@@ -234,7 +245,8 @@ fn buffer(len: usize) -> Vec<f32> {
         }
     }
     v.resize(len, 0.0);
-    v
+    let at = align.map_or(0, |b| (b + 64 - v.as_ptr() as usize % 64) % 64 / 4);
+    (v, at)
 }
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
@@ -267,11 +279,13 @@ fn main() {
         for &(c, hw) in &cells {
             let len = n * c * hw;
             for nhwc in [false, true] {
-                let mut x = buffer(len);
+                let (mut xv, xa) = buffer(len);
+                let x = &mut xv[xa..xa + len];
                 for l in 0..len {
                     x[physical(l, c, hw, nhwc)] = input_at(l, c, hw);
                 }
-                let mut y = buffer(len);
+                let (mut yv, ya) = buffer(len);
+                let y = &mut yv[ya..ya + len];
                 let cell = Cell {
                     label,
                     n,
@@ -280,7 +294,7 @@ fn main() {
                     nhwc,
                     repeats,
                 };
-                cell.run(&x, &mut y);
+                cell.run(x, y);
             }
         }
     }
