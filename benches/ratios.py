@@ -28,8 +28,8 @@ bound = limit time / structural-bound time, where the group measured one
 (benches/common: for moments the slower of `bound_sums` and `bound_ops`,
 the kernel's three operations per vector in the roofline's pattern;
 `bound_affine` for affine,
-normalize and infer; for train their times added, a roofline standing in for
-a pass without one; `bound_backward` of benches/backward.rs for backward
+normalize and infer; for train the moments bound and `bound_affine` added, a
+roofline standing in for a pass without one; `bound_backward` of benches/backward.rs for backward
 and backward_relu): the share of the limit that the simplest kernel in the
 same access pattern, doing less than the crate's, reaches. A ratio near the
 bound and a bound under the target means the layout, not the kernel, holds
@@ -116,9 +116,12 @@ def bound_for(func, funcs):
     sums, affine = funcs.get("bound_sums"), funcs.get("bound_affine")
     read = funcs.get("roofline_read") or funcs.get("roofline")
     rw = funcs.get("roofline_rw")
+    ops = funcs.get("bound_ops")
     if func == "train":
-        if (sums or affine) and read and rw:
-            return (sums or read)[1] + (affine or rw)[1]
+        # The moments pass as for `moments` (below), then the normalization.
+        first = max((b[1] for b in (sums, ops) if b), default=None)
+        if (first or affine) and read and rw:
+            return (first or read[1]) + (affine or rw)[1]
         return None
     if func in ("backward", "backward_relu"):
         back = funcs.get("bound_backward")
@@ -128,8 +131,7 @@ def bound_for(func, funcs):
     if func == "moments":
         # The kernel has both the layout's access pattern and the three
         # operations per vector: the slower of the two bounds holds.
-        times = [b[1] for b in (sums, funcs.get("bound_ops")) if b]
-        return max(times) if times else None
+        return max((b[1] for b in (sums, ops) if b), default=None)
     return None
 
 

@@ -3,8 +3,11 @@
 //! read+write roofline pass (normalize) over the same bytes, both measured
 //! in this run. Also `infer`, beside the read+write roofline. Where
 //! `common` defines them for the shape, the structural bounds `bound_sums`
-//! and `bound_affine` are measured too; `ratios.py` adds them up (with a
-//! roofline for the pass that has none) into the training step's bound.
+//! and `bound_affine` are measured too, and `bound_ops` (the moments pass's
+//! three operations per vector) in every cell; `ratios.py` adds them up (the
+//! slower of `bound_sums` and `bound_ops` for the moments pass, as for
+//! `moments`, and a roofline for a pass that has no bound) into the
+//! training step's bound.
 //!
 //! `cargo bench -p batchnorm-benches --bench train`; ratios: `python3 benches/ratios.py`.
 mod common;
@@ -52,6 +55,9 @@ fn bench(cr: &mut Criterion) {
                     b.iter(|| roofline_rw(black_box(x), black_box(&mut out[1..])))
                 });
                 bench_bound_sums(&mut group, &id, x, shape);
+                group.bench_function(BenchmarkId::new("bound_ops", &id), |b| {
+                    b.iter(|| black_box(bound_ops(black_box(x))))
+                });
                 let coef = (&scale[..], &offset[..]);
                 bench_bound_affine(&mut group, &id, x, &mut out[1..], shape, coef);
                 group.bench_function(BenchmarkId::new("train", &id), |b| {

@@ -246,7 +246,7 @@ pub(crate) struct Split<'a> {
 
 /// Elements from `s`'s start to its first element aligned to `V`.
 #[inline(always)]
-fn head_of<V: Lane>(s: &[f32]) -> usize {
+pub(crate) fn head_of<V: Lane>(s: &[f32]) -> usize {
     (V::WIDTH - (s.as_ptr() as usize / 4) % V::WIDTH) % V::WIDTH
 }
 
@@ -1024,6 +1024,16 @@ fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, ac
 /// lanes).
 const ALIGN_MIN_VECTORS: usize = 4;
 
+/// Whether `n` elements go through `V` with aligned stores and an end
+/// vector at each end ([`aligned_run`], and the same scheme in `backward`):
+/// with eight and sixteen lanes, where a misaligned vector splits a cache
+/// line on every access, and from [`ALIGN_MIN_VECTORS`] vectors on. A
+/// constant `false` for narrower lanes (every firmware build).
+#[inline(always)]
+pub(crate) fn aligns<V: Lane>(n: usize) -> bool {
+    V::WIDTH >= 8 && n >= ALIGN_MIN_VECTORS * V::WIDTH
+}
+
 /// One run as [`splat_run`], but with every store of its body aligned to
 /// the vector (and every load too when `x` and `y` sit alike against the
 /// vector size, as two buffers from one allocator usually do). With eight
@@ -1045,24 +1055,29 @@ const ALIGN_MIN_VECTORS: usize = 4;
 #[inline(always)]
 fn aligned_run<V: Lane, A: Act>(x: Option<&[f32]>, y: &mut [f32], a: f32, b: f32, act: A) {
     let (w, n) = (V::WIDTH, y.len());
-    let head = head_of::<V>(y);
-    if w < 8 || n < ALIGN_MIN_VECTORS * w || x.is_some_and(|x| x.len() != n) {
+    // `x.len() == n` on every call.
+    if !aligns::<V>(n) || x.is_some_and(|x| x.len() != n) {
         return splat_run::<V, A>(x, y, a, b, act);
     }
+    let head = head_of::<V>(y);
+    let end = head + (n - head) / w * w;
     let (va, vb) = (V::splat(a), V::splat(b));
     // Written out twice: a closure called twice went out of line, without
     // the lanes' target features.
     let src: &[f32] = x.unwrap_or(y);
     let first = act.apply(V::load(src).mul_add(va, vb));
     let last = act.apply(V::load(src.get(n - w..).unwrap_or_default()).mul_add(va, vb));
-    let end = head + (n - head) / w * w;
-    let (Some(yb), xb) = (y.get_mut(head..end), x.map(|x| x.get(head..end))) else {
+    let xb = match x {
+        Some(x) => match x.get(head..end) {
+            Some(xb) => Some(xb),
+            None => return,
+        },
+        None => None,
+    };
+    let Some(yb) = y.get_mut(head..end) else {
         return;
     };
-    if let Some(None) = xb {
-        return;
-    }
-    vectors::<V, A>(xb.flatten(), yb, va, vb, act);
+    vectors::<V, A>(xb, yb, va, vb, act);
     if head > 0 {
         first.store(y);
     }
@@ -1226,7 +1241,7 @@ fn periodic<V: Lane, A: Act, IO: Io>(
             repeat(&mut pb[..lcm], period);
             let per = (lcm / period).max(1);
             let total = rows * period;
-            if w >= 8 && total >= lcm.max(ALIGN_MIN_VECTORS * w) {
+            if aligns::<V>(total) && total >= lcm {
                 aligned_supers::<V, A, IO>(io, total, (&mut pa[..lcm], &mut pb[..lcm]), act);
                 return;
             }

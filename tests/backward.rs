@@ -157,6 +157,86 @@ fn sweep_widths_layouts_lengths() {
     }
 }
 
+/// `dx` is the same bit for bit wherever `x`, `dy` and `dx` sit against
+/// the vector size, and in place (runs and patterns long enough for the
+/// aligned stores of eight and sixteen lanes, with an end vector at each
+/// end, and shorter ones). A quarter of the inputs equal their channel's
+/// mean, where one rounding and two differ, and the mask with them.
+#[test]
+fn dx_does_not_depend_on_alignment() {
+    let mut rng = Rng::new(43);
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for simd in Simd::ALL {
+        let w = simd.lanes().max(1);
+        // NCHW runs either side of the eight vectors from which `dx` is
+        // written aligned.
+        let runs = [8 * w - 1, 8 * w, 8 * w + 1, 9 * w + 3];
+        let long = runs.iter().map(|&s| Shape::nchw(2, 3, s));
+        for shape in alignment_shapes(w).into_iter().chain(long) {
+            let mut prob = Problem::new(&mut rng, shape, &[0.5, -2.0, 30.0], &[1.0, 0.1, 4.0]);
+            let c = shape.channels;
+            for (i, x) in prob.x.iter_mut().enumerate() {
+                if rng.below(4) == 0 {
+                    let k = match shape.layout {
+                        Layout::Nchw => i / shape.spatial % c,
+                        Layout::Nhwc => i % c,
+                    };
+                    *x = prob.mean[k];
+                }
+            }
+            let n = prob.x.len();
+            for (act, mode) in [
+                (Activation::None, Mode::Training),
+                (Activation::Relu, Mode::Training),
+                (Activation::Relu, Mode::Inference),
+            ] {
+                let p = prob.params(act);
+                // `dx` and the in-place result, as bits, and the sums.
+                let run = |xo: usize, go: usize, out: usize| {
+                    let (xb, gb) = (misaligned(&prob.x, xo), misaligned(&prob.dy, go));
+                    let mut dxb = vec![f32::NAN; n + out];
+                    let (mut ds, mut dof) = (vec![0.0; c], vec![0.0; c]);
+                    let g = Gradients {
+                        dx: &mut dxb[out..],
+                        dscale: &mut ds,
+                        doffset: &mut dof,
+                    };
+                    simd.backward(&xb[xo..], &gb[go..], shape, &p, mode, g)
+                        .unwrap();
+                    let mut ip = gb.clone();
+                    let (mut ds2, mut dof2) = (vec![0.0; c], vec![0.0; c]);
+                    simd.backward_in_place(
+                        &xb[xo..],
+                        &mut ip[go..],
+                        shape,
+                        &p,
+                        mode,
+                        &mut ds2,
+                        &mut dof2,
+                    )
+                    .unwrap();
+                    let dx = dxb[out..].to_vec();
+                    (bits(&dx), bits(&ip[go..]), dx, (ds, dof))
+                };
+                let (want, _, dx, (ds, dof)) = run(0, 0, 0);
+                let ctx = format!("{simd:?} {shape:?} {act:?} {mode:?}");
+                let checked =
+                    reference::check_backward(&prob.x, &prob.dy, shape, &p, mode, &dx, &ds, &dof);
+                if let Err(e) = checked {
+                    panic!("{ctx}: {e}");
+                }
+                for k in 0..16 {
+                    for (xo, go, out) in [(k, (3 * k) % 16, (7 * k) % 16), (0, k, 15 - k)] {
+                        let (dx, ip, _, _) = run(xo, go, out);
+                        assert_eq!(dx, want, "{ctx} x +{xo} dy +{go} dx +{out}");
+                        assert_eq!(ip, want, "{ctx} in place x +{xo} dy +{go}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn every_activation_and_mode() {
     let mut rng = Rng::new(12);

@@ -401,22 +401,7 @@ fn results_do_not_depend_on_alignment() {
     let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     for simd in Simd::ALL {
         let w = simd.lanes().max(1);
-        let mut shapes: Vec<Shape> = [4 * w - 1, 4 * w, 4 * w + 1, 5 * w + 3, 108]
-            .iter()
-            .map(|&s| Shape::nchw(2, 3, s))
-            .collect();
-        // Periodic tensors: channels last (patterns of one to sixteen
-        // vectors, and longer ones), and channels first with runs shorter
-        // than a vector; with and without a partial last pattern.
-        for c in [3, 16, 24, 64, 100] {
-            for rows in [4 * w + 1, 16 * w + 3, 100] {
-                shapes.push(Shape::nhwc(rows, 1, c));
-            }
-        }
-        for rows in [2, 7, 33] {
-            shapes.push(Shape::nchw(rows, 3, 5));
-        }
-        for shape in shapes {
+        for shape in alignment_shapes(w) {
             let c = shape.channels;
             let mean: Vec<f32> = (0..c).map(|k| 0.1 + 0.37 * k as f32).collect();
             let var: Vec<f32> = (0..c).map(|k| 0.3 + 0.5 * k as f32).collect();

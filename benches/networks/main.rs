@@ -216,9 +216,11 @@ impl Cell<'_> {
 
 /// A zeroed buffer of at least `len` floats and the index where its `len`
 /// floats start: 0, or with `BN_NET_ALIGN=<bytes>` (a multiple of 4 below
-/// 64) the first index at that byte offset from a 64-byte boundary. The
-/// peers write to their own allocators' 64-byte aligned outputs; a `Vec`
-/// above glibc's mmap threshold starts 16 bytes past a page. On Linux,
+/// 64) the first index at that byte offset from a 64-byte boundary.
+/// TensorFlow and PyTorch write to their own allocators' 64-byte aligned
+/// outputs; ONNX Runtime to the numpy buffer `peers.py` binds (16 or 32
+/// bytes past 64, as measured); a `Vec` above glibc's mmap threshold
+/// starts 16 bytes past a page. On Linux,
 /// above 4 MiB, the pages are
 /// first marked `MADV_HUGEPAGE`, as numpy does for its arrays (and so for
 /// the peers' inputs and outputs): with transparent huge pages in `madvise`

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: a seeded generator (no `rand`
-//! dependency, so results do not move with another crate's version) and
-//! misaligned buffers.
+//! dependency, so results do not move with another crate's version),
+//! misaligned buffers, and the shapes that cross the aligned kernels'
+//! boundaries.
 #![allow(dead_code)]
 
 /// SplitMix64: tiny, seedable, good enough for test data.
@@ -65,4 +66,26 @@ pub fn misaligned(data: &[f32], offset: usize) -> Vec<f32> {
     let mut v = vec![f32::NAN; offset];
     v.extend_from_slice(data);
     v
+}
+
+/// Shapes for the alignment tests with `w` lanes: NCHW runs either side of
+/// the four vectors from which eight and sixteen lanes align their stores;
+/// periodic tensors, channels last (patterns of one to sixteen vectors, and
+/// longer ones) and channels first with runs shorter than a vector, with
+/// and without a partial last pattern.
+pub fn alignment_shapes(w: usize) -> Vec<batchnorm::Shape> {
+    use batchnorm::Shape;
+    let mut shapes: Vec<Shape> = [4 * w - 1, 4 * w, 4 * w + 1, 5 * w + 3, 108]
+        .iter()
+        .map(|&s| Shape::nchw(2, 3, s))
+        .collect();
+    for c in [3, 16, 24, 64, 100] {
+        for rows in [4 * w + 1, 16 * w + 3, 100] {
+            shapes.push(Shape::nhwc(rows, 1, c));
+        }
+    }
+    for rows in [2, 7, 33] {
+        shapes.push(Shape::nchw(rows, 3, 5));
+    }
+    shapes
 }
