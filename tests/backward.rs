@@ -177,11 +177,7 @@ fn dx_does_not_depend_on_alignment() {
             let c = shape.channels;
             for (i, x) in prob.x.iter_mut().enumerate() {
                 if rng.below(4) == 0 {
-                    let k = match shape.layout {
-                        Layout::Nchw => i / shape.spatial % c,
-                        Layout::Nhwc => i % c,
-                    };
-                    *x = prob.mean[k];
+                    *x = prob.mean[channel_of(shape, i)];
                 }
             }
             let n = prob.x.len();

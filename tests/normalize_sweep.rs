@@ -415,13 +415,9 @@ fn results_do_not_depend_on_alignment() {
                 epsilon: 1e-3,
                 activation: Activation::None,
             };
-            let channel = |i: usize| match shape.layout {
-                batchnorm::Layout::Nchw => i / shape.spatial % c,
-                batchnorm::Layout::Nhwc => i % c,
-            };
             let x: Vec<f32> = (0..shape.len().unwrap())
                 .map(|i| {
-                    let m = mean[channel(i)];
+                    let m = mean[channel_of(shape, i)];
                     if rng.below(4) == 0 {
                         m
                     } else {

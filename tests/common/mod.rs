@@ -68,6 +68,14 @@ pub fn misaligned(data: &[f32], offset: usize) -> Vec<f32> {
     v
 }
 
+/// The channel of element `i` of a tensor of `shape` (NCHW or NHWC).
+pub fn channel_of(shape: batchnorm::Shape, i: usize) -> usize {
+    match shape.layout {
+        batchnorm::Layout::Nchw => i / shape.spatial % shape.channels,
+        batchnorm::Layout::Nhwc => i % shape.channels,
+    }
+}
+
 /// Shapes for the alignment tests with `w` lanes: NCHW runs either side of
 /// the four vectors from which eight and sixteen lanes align their stores;
 /// periodic tensors, channels last (patterns of one to sixteen vectors, and
