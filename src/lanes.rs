@@ -58,6 +58,18 @@ pub(crate) trait Lane: Copy {
     /// Stores the lanes to the start of `out` (`out.len() >= WIDTH`; a
     /// shorter slice, which no kernel passes, is left as it is).
     fn store(self, out: &mut [f32]);
+    /// Stores the lanes to the start of `out` as [`store`](Lane::store)
+    /// does, past the caches where the type has a streaming store and `out`
+    /// starts on a multiple of the vector's size: a store that goes through
+    /// the caches first reads the line it writes, a third more memory
+    /// traffic for a kernel that reads one tensor and writes another once
+    /// neither fits in the last-level cache. Weakly ordered: a kernel that
+    /// streams calls [`store_fence`] before it returns. This default is
+    /// `store`; the run-time selected x86-64 types override it.
+    #[inline(always)]
+    fn stream(self, out: &mut [f32]) {
+        self.store(out)
+    }
     /// Lane-wise `self + o`.
     fn add(self, o: Self) -> Self;
     /// The sum of the lanes (pairwise, in registers).
@@ -450,6 +462,20 @@ pub(crate) const SMALL_STACK: bool = cfg!(any(
     batchnorm_compact,
     not(any(target_arch = "x86_64", target_arch = "aarch64"))
 ));
+
+/// Whether any lane type of this build streams its stores
+/// ([`Lane::stream`]): the run-time selected x86-64 types.
+pub(crate) const STREAMS: bool = cfg!(all(target_arch = "x86_64", not(batchnorm_compact)));
+
+/// Orders the streaming stores of [`Lane::stream`] before every later store
+/// (`sfence` on x86-64, where they are weakly ordered: without it, a thread
+/// that receives the output through a lock or a channel could read stale
+/// data); nothing elsewhere.
+#[inline(always)]
+pub(crate) fn store_fence() {
+    #[cfg(all(target_arch = "x86_64", not(batchnorm_compact)))]
+    crate::x86::sfence();
+}
 
 /// Calls `$body` with the type alias `$V` bound to the lane type of
 /// `$simd.effective()`, inside [`Lane::enabled`] of that type. Only the

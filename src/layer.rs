@@ -182,7 +182,7 @@ impl<'a> BatchNorm<'a> {
         shape.check("y", y.len())?;
         self.statistics(x, shape, params, batch)?;
         let p = params.params(batch.mean, batch.variance, &self.config);
-        normalize::run_folded(self.simd, &mut Split { x, y }, shape, &p);
+        normalize::run_folded(self.simd, &mut Split::new(x, y), shape, &p);
         Ok(())
     }
 
@@ -196,7 +196,7 @@ impl<'a> BatchNorm<'a> {
     ) -> Result<(), Error> {
         self.statistics(x, shape, params, batch)?;
         let p = params.params(batch.mean, batch.variance, &self.config);
-        normalize::run_folded(self.simd, &mut InPlace(x), shape, &p);
+        normalize::run_folded(self.simd, &mut InPlace::new(x), shape, &p);
         Ok(())
     }
 
@@ -215,7 +215,7 @@ impl<'a> BatchNorm<'a> {
         shape.check("y", y.len())?;
         self.check(x.len(), shape, params)?;
         let p = params.params(self.moving.mean, self.moving.variance, &self.config);
-        normalize::run_folded(self.simd, &mut Split { x, y }, shape, &p);
+        normalize::run_folded(self.simd, &mut Split::new(x, y), shape, &p);
         Ok(())
     }
 
@@ -228,7 +228,7 @@ impl<'a> BatchNorm<'a> {
     ) -> Result<(), Error> {
         self.check(x.len(), shape, params)?;
         let p = params.params(self.moving.mean, self.moving.variance, &self.config);
-        normalize::run_folded(self.simd, &mut InPlace(x), shape, &p);
+        normalize::run_folded(self.simd, &mut InPlace::new(x), shape, &p);
         Ok(())
     }
 
@@ -453,14 +453,14 @@ impl<const C: usize> BatchNormArray<C> {
     pub fn infer(&self, x: &[f32], y: &mut [f32], shape: Shape) -> Result<(), Error> {
         shape.check("y", y.len())?;
         let p = self.check(x.len(), shape)?;
-        normalize::run_folded(Simd::detect(), &mut Split { x, y }, shape, &p);
+        normalize::run_folded(Simd::detect(), &mut Split::new(x, y), shape, &p);
         Ok(())
     }
 
     /// [`BatchNorm::infer_in_place`] with the layer's own parameters.
     pub fn infer_in_place(&self, x: &mut [f32], shape: Shape) -> Result<(), Error> {
         let p = self.check(x.len(), shape)?;
-        normalize::run_folded(Simd::detect(), &mut InPlace(x), shape, &p);
+        normalize::run_folded(Simd::detect(), &mut InPlace::new(x), shape, &p);
         Ok(())
     }
 

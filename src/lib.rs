@@ -194,6 +194,18 @@
 //! kernel code of those widths was left compiled without its instructions
 //! (`.ci/dispatch`).
 //!
+//! With those two widths, normalization (`normalize`, `affine`, inference,
+//! the training step's second pass) of a channels-last tensor whose
+//! channel pattern is one to eight or sixteen vectors (C = 3, 16, 64, 96,
+//! 128, 256 with sixteen lanes) writes an output of 32 MiB or more with
+//! streaming stores (`vmovntps`): past the caches, without first reading
+//! each line it writes, a third less memory traffic once the tensors no
+//! longer fit the last-level cache. Such a call ends with an `sfence`, so the output is
+//! ordered before anything the caller does next (a lock, a channel).
+//! Smaller outputs, and other layouts, go through the caches, where the
+//! next layer finds them. The size is each call's (a threaded call decides
+//! per chunk); the results are the same bits either way.
+//!
 //! On every target but x86-64 and aarch64 (i686 included) the
 //! stack-resident windows are small, so that every kernel stays within
 //! 4 KiB of stack for any shape; on x86-64 and aarch64 they are larger

@@ -40,7 +40,7 @@
 //! 2.7 KiB of stack, whatever the shape (`.ci/firmware` paints it).
 
 use crate::error::{check_epsilon, Error};
-use crate::lanes::{enabled, with_lane, Lane, Simd, COMPACT, SMALL_STACK};
+use crate::lanes::{enabled, store_fence, with_lane, Lane, Simd, COMPACT, SMALL_STACK, STREAMS};
 use crate::shape::{Layout, Shape};
 use wide::f64x4;
 
@@ -209,6 +209,9 @@ pub(crate) trait Io {
         pb: &[f32],
         f: impl Fn(V, V, V) -> V,
     );
+    /// Whether the output is written with streaming stores
+    /// ([`STREAM_MIN_BYTES`]).
+    fn streams(&self) -> bool;
     /// Elements before the first vector-aligned element of the output.
     fn head<V: Lane>(&self) -> usize;
     /// The input's vector at element `at` (zeros past the end: no caller).
@@ -239,9 +242,52 @@ fn span_mut(s: &mut [f32], start: usize, len: usize) -> Option<&mut [f32]> {
     s.get_mut(start..)?.get_mut(..len)
 }
 
+/// Outputs of at least this many bytes are written with streaming stores
+/// ([`Lane::stream`]) where the lanes have them, by the one loop whose
+/// every store covers whole cache lines of its own: `map_rows`, the
+/// channels-last tensors whose pattern is one to eight or sixteen vectors
+/// (C = 3, 16, 64, 96, 128, 256 with sixteen lanes), written aligned. A
+/// tensor this size leaves the last-level cache of the machines measured,
+/// and a store through the caches then costs a read of the line as well:
+/// on an Intel Xeon with AVX-512, NHWC C = 3 and 64 at 64 MiB went from
+/// 14.6-16.5 to 26.2-26.7 GB/s. NCHW runs (lines at each run's ends are
+/// written by both kinds of store) gained nothing, and a branch between
+/// the two stores in the loop of other patterns and wide rows cost them up
+/// to 25% at 256 KiB, so they store through the caches. At 26 MB, still in
+/// the cache, streaming lost 2-7% (benches/README.md). The caches' size is
+/// not asked of the CPU: under a hypervisor `cpuid` may report what the
+/// guest does not get (480 MiB of L3 on the Xeon measured).
+pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
+
+/// Whether an output of `len` elements is written with streaming stores.
+#[inline(always)]
+fn streams(len: usize) -> bool {
+    STREAMS && len >= STREAM_MIN_BYTES / 4
+}
+
+/// `v.stream(out)` when `stream`, else `v.store(out)`.
+#[inline(always)]
+fn put<V: Lane>(v: V, out: &mut [f32], stream: bool) {
+    if STREAMS && stream {
+        v.stream(out)
+    } else {
+        v.store(out)
+    }
+}
+
 pub(crate) struct Split<'a> {
-    pub(crate) x: &'a [f32],
-    pub(crate) y: &'a mut [f32],
+    x: &'a [f32],
+    y: &'a mut [f32],
+    stream: bool,
+}
+
+impl<'a> Split<'a> {
+    /// `y` from `x`.
+    #[inline(always)]
+    pub(crate) fn new(x: &'a [f32], y: &'a mut [f32]) -> Self {
+        let stream = streams(y.len());
+        Split { x, y, stream }
+    }
 }
 
 /// Elements from `s`'s start to its first element aligned to `V`.
@@ -251,6 +297,10 @@ pub(crate) fn head_of<V: Lane>(s: &[f32]) -> usize {
 }
 
 impl Io for Split<'_> {
+    #[inline(always)]
+    fn streams(&self) -> bool {
+        self.stream
+    }
     #[inline(always)]
     fn head<V: Lane>(&self) -> usize {
         head_of::<V>(self.y)
@@ -288,7 +338,11 @@ impl Io for Split<'_> {
                 // `get` (no panic path): the compiler does not always see
                 // that zipped chunks are `NV * w` long.
                 let x = V::load(xr.get(v * w..).unwrap_or_default());
-                f(x, pa[v], pb[v]).store(yr.get_mut(v * w..).unwrap_or_default());
+                put(
+                    f(x, pa[v], pb[v]),
+                    yr.get_mut(v * w..).unwrap_or_default(),
+                    self.stream,
+                );
             }
         }
     }
@@ -396,9 +450,22 @@ impl Io for Split<'_> {
     }
 }
 
-pub(crate) struct InPlace<'a>(pub(crate) &'a mut [f32]);
+pub(crate) struct InPlace<'a>(&'a mut [f32], bool);
+
+impl<'a> InPlace<'a> {
+    /// `y` from itself.
+    #[inline(always)]
+    pub(crate) fn new(y: &'a mut [f32]) -> Self {
+        let stream = streams(y.len());
+        InPlace(y, stream)
+    }
+}
 
 impl Io for InPlace<'_> {
+    #[inline(always)]
+    fn streams(&self) -> bool {
+        self.1
+    }
     #[inline(always)]
     fn head<V: Lane>(&self) -> usize {
         head_of::<V>(self.0)
@@ -426,7 +493,11 @@ impl Io for InPlace<'_> {
         };
         for yr in y.chunks_exact_mut(NV * w) {
             for v in 0..NV {
-                f(V::load(&yr[v * w..]), pa[v], pb[v]).store(&mut yr[v * w..]);
+                put(
+                    f(V::load(&yr[v * w..]), pa[v], pb[v]),
+                    &mut yr[v * w..],
+                    self.1,
+                );
             }
         }
     }
@@ -897,7 +968,7 @@ impl Simd {
         check_affine(shape, a, b, activation)?;
         run(
             self,
-            &mut Split { x, y },
+            &mut Split::new(x, y),
             shape,
             Coef::Given { a, b },
             activation,
@@ -918,7 +989,7 @@ impl Simd {
         check_affine(shape, a, b, activation)?;
         run(
             self,
-            &mut InPlace(x),
+            &mut InPlace::new(x),
             shape,
             Coef::Given { a, b },
             activation,
@@ -937,7 +1008,7 @@ impl Simd {
         shape.check("x", x.len())?;
         shape.check("y", y.len())?;
         params.validate(shape)?;
-        run_folded(self, &mut Split { x, y }, shape, params);
+        run_folded(self, &mut Split::new(x, y), shape, params);
         Ok(())
     }
 
@@ -950,7 +1021,7 @@ impl Simd {
     ) -> Result<(), Error> {
         shape.check("x", x.len())?;
         params.validate(shape)?;
-        run_folded(self, &mut InPlace(x), shape, params);
+        run_folded(self, &mut InPlace::new(x), shape, params);
         Ok(())
     }
 }
@@ -989,7 +1060,10 @@ pub(crate) fn run<IO: Io>(simd: Simd, io: &mut IO, shape: Shape, coef: Coef<'_>,
         Activation::Relu => layout::<V, _, IO>(io, shape, coef, Floor(0.0)),
         Activation::Relu6 => layout::<V, _, IO>(io, shape, coef, Band(0.0, 6.0)),
         Activation::Clamp { min, max } => layout::<V, _, IO>(io, shape, coef, Band(min, max)),
-    })
+    });
+    if io.streams() {
+        store_fence();
+    }
 }
 
 fn layout<V: Lane, A: Act, IO: Io>(io: &mut IO, shape: Shape, coef: Coef<'_>, act: A) {

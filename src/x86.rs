@@ -108,6 +108,17 @@ fn xcr0() -> u64 {
     unsafe { _xgetbv(0) }
 }
 
+/// `sfence`: orders the streaming stores before every later store
+/// ([`crate::lanes::store_fence`]).
+#[inline(always)]
+pub(crate) fn sfence() {
+    // SAFETY: `sfence` is SSE, part of every x86-64 CPU.
+    #[allow(unused_unsafe)]
+    unsafe {
+        _mm_sfence()
+    }
+}
+
 /// Wraps the intrinsics of [`Avx2`] and [`Avx512`]: they are
 /// `#[target_feature]` functions, and the lane methods that call them are
 /// not (trait methods cannot be).
@@ -167,6 +178,19 @@ impl<const S: usize> Lane for Avx2<S> {
     fn store(self, out: &mut [f32]) {
         if let Some(o) = out.first_chunk_mut::<8>() {
             isa!(_mm256_storeu_ps(o.as_mut_ptr(), self.0));
+        }
+    }
+    /// `vmovntps` where `out` starts on 32 bytes, else `vmovups`.
+    #[inline(always)]
+    fn stream(self, out: &mut [f32]) {
+        if let Some(o) = out.first_chunk_mut::<8>() {
+            if (o.as_ptr() as usize) & 31 == 0 {
+                // SAFETY (beside `isa!`'s): the address is 32-byte aligned, as
+                // `vmovntps` requires.
+                isa!(_mm256_stream_ps(o.as_mut_ptr(), self.0));
+            } else {
+                isa!(_mm256_storeu_ps(o.as_mut_ptr(), self.0));
+            }
         }
     }
     #[inline(always)]
@@ -257,6 +281,19 @@ impl Lane for Avx512 {
     fn store(self, out: &mut [f32]) {
         if let Some(o) = out.first_chunk_mut::<16>() {
             isa!(_mm512_storeu_ps(o.as_mut_ptr(), self.0));
+        }
+    }
+    /// `vmovntps` where `out` starts on 64 bytes, else `vmovups`.
+    #[inline(always)]
+    fn stream(self, out: &mut [f32]) {
+        if let Some(o) = out.first_chunk_mut::<16>() {
+            if (o.as_ptr() as usize) & 63 == 0 {
+                // SAFETY (beside `isa!`'s): the address is 64-byte aligned, as
+                // `vmovntps` requires.
+                isa!(_mm512_stream_ps(o.as_mut_ptr(), self.0));
+            } else {
+                isa!(_mm512_storeu_ps(o.as_mut_ptr(), self.0));
+            }
         }
     }
     #[inline(always)]
