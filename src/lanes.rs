@@ -26,6 +26,9 @@ use wide::{f32x16, f32x4, f32x8, f64x4};
 pub(crate) trait Lane: Copy {
     /// Number of `f32` lanes.
     const WIDTH: usize;
+    /// Whether [`stream`](Lane::stream) bypasses the caches (else it is
+    /// `store`, and a kernel keeps one copy of its loop, not two).
+    const STREAMS: bool = false;
     /// The type with half the lanes (`f32` for `f32` and `f32x4`): tails
     /// shorter than a vector cascade through it instead of dropping straight
     /// to one lane.

@@ -195,13 +195,16 @@
 //! (`.ci/dispatch`).
 //!
 //! With those two widths, normalization (`normalize`, `affine`, inference,
-//! the training step's second pass) of a channels-last tensor whose
-//! channel pattern is one to eight or sixteen vectors (C = 3, 16, 64, 96,
-//! 128, 256 with sixteen lanes) writes an output of 32 MiB or more with
-//! streaming stores (`vmovntps`): past the caches, without first reading
-//! each line it writes, a third less memory traffic once the tensors no
-//! longer fit the last-level cache. Such a call ends with an `sfence`, so the output is
-//! ordered before anything the caller does next (a lock, a channel).
+//! the training step's second pass) of a channels-last tensor writes an
+//! output of 32 MiB or more with streaming stores (`vmovntps`): past the
+//! caches, without first reading each line it writes, a third less memory
+//! traffic once the tensors no longer fit the last-level cache. That is
+//! for every channel count whose pattern (`lcm(C, lanes)` elements) is at
+//! most 1024 long, and every multiple of 16 (a 64-byte line); not for
+//! C = 1000 with sixteen lanes, whose rows start alternately on and off a
+//! line. Such a
+//! call ends with an `sfence`, so the output is ordered before anything
+//! the caller does next (a lock, a channel).
 //! Smaller outputs, and other layouts, go through the caches, where the
 //! next layer finds them. The size is each call's (a threaded call decides
 //! per chunk); the results are the same bits either way.

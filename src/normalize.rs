@@ -243,20 +243,18 @@ fn span_mut(s: &mut [f32], start: usize, len: usize) -> Option<&mut [f32]> {
 }
 
 /// Outputs of at least this many bytes are written with streaming stores
-/// ([`Lane::stream`]) where the lanes have them, by the one loop whose
-/// every store covers whole cache lines of its own: `map_rows`, the
-/// channels-last tensors whose pattern is one to eight or sixteen vectors
-/// (C = 3, 16, 64, 96, 128, 256 with sixteen lanes), written aligned. A
-/// tensor this size leaves the last-level cache of the machines measured,
-/// and a store through the caches then costs a read of the line as well:
-/// on an Intel Xeon with AVX-512, NHWC C = 3 and 64 at 64 MiB went from
-/// 14.6-16.5 to 26.2-26.7 GB/s. NCHW runs (lines at each run's ends are
-/// written by both kinds of store) gained nothing, and a branch between
-/// the two stores in the loop of other patterns and wide rows cost them up
-/// to 25% at 256 KiB, so they store through the caches. At 26 MB, still in
-/// the cache, streaming lost 2-7% (benches/README.md). The caches' size is
-/// not asked of the CPU: under a hypervisor `cpuid` may report what the
-/// guest does not get (480 MiB of L3 on the Xeon measured).
+/// ([`Lane::stream`]) where the lanes have them, by the loops of
+/// channels-last rows whose stores cover whole cache lines of their own
+/// ([`streams_rows`]). A tensor this size leaves the last-level cache of
+/// the machines measured, and a store through the caches then costs a
+/// read of the line as well: on an Intel Xeon with AVX-512, NHWC C = 3 and
+/// 64 at 64 MiB went from 14.6-16.5 to 26.2-26.7 GB/s, and 32x144x56x56
+/// inference from 7.6-7.8 to 9.6-10.7. NCHW runs (lines at each run's
+/// ends are written by both kinds of store) gained nothing, so they store
+/// through the caches. At 26 MB, still in the cache, streaming lost 2-7%
+/// (benches/README.md). The caches' size is not asked of the CPU: under a
+/// hypervisor `cpuid` may report what the guest does not get (480 MiB of
+/// L3 on the Xeon measured).
 pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
 
 /// Whether an output of `len` elements is written with streaming stores.
@@ -268,7 +266,7 @@ fn streams(len: usize) -> bool {
 /// `v.stream(out)` when `stream`, else `v.store(out)`.
 #[inline(always)]
 fn put<V: Lane>(v: V, out: &mut [f32], stream: bool) {
-    if STREAMS && stream {
+    if stream {
         v.stream(out)
     } else {
         v.store(out)
@@ -326,6 +324,11 @@ impl Io for Split<'_> {
         let (Some(x), Some(y)) = (span(self.x, start, len), span_mut(self.y, start, len)) else {
             return;
         };
+        // Back to back: every line is whole (see `streams_rows`). The flag
+        // stays in the loop here: hoisted out of it, as in `map_pattern`,
+        // the default build's 32x256x56x56 NHWC inference (sixteen vectors)
+        // ran 11.7-12.2 against 12.9-13.3 GB/s.
+        let stream = streams_rows::<V>(self.stream, len, len);
         // Not `zip`: with a hundred instantiations the compiler outlined
         // `Zip::new`, and with it a division by the chunk length that it
         // could no longer see is not zero (a panic path).
@@ -341,7 +344,7 @@ impl Io for Split<'_> {
                 put(
                     f(x, pa[v], pb[v]),
                     yr.get_mut(v * w..).unwrap_or_default(),
-                    self.stream,
+                    stream,
                 );
             }
         }
@@ -433,19 +436,63 @@ impl Io for Split<'_> {
             }
             r += 2;
         }
-        for r in r..rows {
-            let base = start + r * stride;
-            let (Some(x), Some(y)) = (span(self.x, base, len), span_mut(self.y, base, len)) else {
+        let rows = (start + r * stride, rows - r, stride);
+        if streams_rows::<V>(self.stream, stride, len) {
+            split_rows::<V, true>(self.x, self.y, rows, pa, pb, f);
+        } else {
+            split_rows::<V, false>(self.x, self.y, rows, pa, pb, f);
+        }
+    }
+}
+
+/// Elements of `f32` in a cache line (64 bytes on the x86-64 cores).
+const LINE: usize = 16;
+
+/// Whether rows of `len` elements, `stride` apart ([`Io::map_rows`],
+/// [`Io::map_pattern`]), are written with streaming stores, given the
+/// output's `stream` flag: when no cache line is written by both kinds of
+/// store (but at the tensor's ends), that is, when the rows are back to
+/// back or each starts where the first does against the line. Rows of
+/// 1000 channels do not: every other row starts half a line off, so the
+/// vectors of one row would stream and those of the next store through
+/// the cache, into the same lines. Paired rows never stream: they stop at
+/// [`PAIRED_ROWS_MAX`] elements, far below [`STREAM_MIN_BYTES`].
+/// `map_pattern` tests the flag once, outside two copies of its loop: a
+/// branch per store there cost up to 25% at 256 KiB, where nothing
+/// streams.
+#[inline(always)]
+fn streams_rows<V: Lane>(stream: bool, stride: usize, len: usize) -> bool {
+    // `V::STREAMS` first, although the flag implies it of the widest
+    // lanes: a struct field is not a constant to the compiler, and this
+    // folds the streaming copy of the loops out of every lane type without
+    // one (and so out of every firmware build).
+    V::STREAMS && stream && (stride == len || stride.is_multiple_of(LINE))
+}
+
+/// `rows` rows of `pa.len()` elements, `stride` apart from `start`, one
+/// at a time, `y = f(x, a, b)`, every store [`put`] with `STREAM`.
+#[inline(always)]
+fn split_rows<V: Lane, const STREAM: bool>(
+    x: &[f32],
+    y: &mut [f32],
+    (start, rows, stride): (usize, usize, usize),
+    pa: &[f32],
+    pb: &[f32],
+    f: impl Fn(V, V, V) -> V,
+) {
+    let (w, len) = (V::WIDTH, pa.len());
+    for r in 0..rows {
+        let base = start + r * stride;
+        let (Some(x), Some(y)) = (span(x, base, len), span_mut(y, base, len)) else {
+            return;
+        };
+        let (mut xs, mut pas, mut pbs) =
+            (x.chunks_exact(w), pa.chunks_exact(w), pb.chunks_exact(w));
+        for yc in y.chunks_exact_mut(w) {
+            let (Some(xc), Some(ac), Some(bc)) = (xs.next(), pas.next(), pbs.next()) else {
                 return;
             };
-            let (mut xs, mut pas, mut pbs) =
-                (x.chunks_exact(w), pa.chunks_exact(w), pb.chunks_exact(w));
-            for yc in y.chunks_exact_mut(w) {
-                let (Some(xc), Some(ac), Some(bc)) = (xs.next(), pas.next(), pbs.next()) else {
-                    return;
-                };
-                f(V::load(xc), V::load(ac), V::load(bc)).store(yc);
-            }
+            put(f(V::load(xc), V::load(ac), V::load(bc)), yc, STREAM);
         }
     }
 }
@@ -487,16 +534,18 @@ impl Io for InPlace<'_> {
         pb: &[V; NV],
         f: impl Fn(V, V, V) -> V,
     ) {
-        let w = V::WIDTH;
-        let Some(y) = span_mut(self.0, start, rows * NV * w) else {
+        let (w, len) = (V::WIDTH, rows * NV * V::WIDTH);
+        let Some(y) = span_mut(self.0, start, len) else {
             return;
         };
+        // The flag in the loop, as for `Split`.
+        let stream = streams_rows::<V>(self.1, len, len);
         for yr in y.chunks_exact_mut(NV * w) {
             for v in 0..NV {
                 put(
                     f(V::load(&yr[v * w..]), pa[v], pb[v]),
                     &mut yr[v * w..],
-                    self.1,
+                    stream,
                 );
             }
         }
@@ -564,18 +613,36 @@ impl Io for InPlace<'_> {
             }
             r += 2;
         }
-        for r in r..rows {
-            let base = start + r * stride;
-            let Some(y) = span_mut(self.0, base, len) else {
+        let rows = (start + r * stride, rows - r, stride);
+        if streams_rows::<V>(self.1, stride, len) {
+            in_place_rows::<V, true>(self.0, rows, pa, pb, f);
+        } else {
+            in_place_rows::<V, false>(self.0, rows, pa, pb, f);
+        }
+    }
+}
+
+/// [`split_rows`] in place.
+#[inline(always)]
+fn in_place_rows<V: Lane, const STREAM: bool>(
+    y: &mut [f32],
+    (start, rows, stride): (usize, usize, usize),
+    pa: &[f32],
+    pb: &[f32],
+    f: impl Fn(V, V, V) -> V,
+) {
+    let (w, len) = (V::WIDTH, pa.len());
+    for r in 0..rows {
+        let base = start + r * stride;
+        let Some(y) = span_mut(y, base, len) else {
+            return;
+        };
+        let (mut pas, mut pbs) = (pa.chunks_exact(w), pb.chunks_exact(w));
+        for yc in y.chunks_exact_mut(w) {
+            let (Some(ac), Some(bc)) = (pas.next(), pbs.next()) else {
                 return;
             };
-            let (mut pas, mut pbs) = (pa.chunks_exact(w), pb.chunks_exact(w));
-            for yc in y.chunks_exact_mut(w) {
-                let (Some(ac), Some(bc)) = (pas.next(), pbs.next()) else {
-                    return;
-                };
-                f(V::load(yc), V::load(ac), V::load(bc)).store(yc);
-            }
+            put(f(V::load(yc), V::load(ac), V::load(bc)), yc, STREAM);
         }
     }
 }

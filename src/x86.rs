@@ -154,6 +154,7 @@ pub(crate) struct Avx2<const S: usize>(__m256);
 
 impl<const S: usize> Lane for Avx2<S> {
     const WIDTH: usize = 8;
+    const STREAMS: bool = true;
     type Half = f32x4;
     const SLOTS: usize = S;
 
@@ -259,6 +260,7 @@ pub(crate) struct Avx512(__m512);
 
 impl Lane for Avx512 {
     const WIDTH: usize = 16;
+    const STREAMS: bool = true;
     type Half = Avx2<8>;
     const SLOTS: usize = 8;
 

@@ -6,9 +6,7 @@
 //! quickcheck property; and every error with its outputs untouched.
 mod common;
 
-use batchnorm::{
-    backward, reference, Activation, Error, Gradients, Layout, Mode, Params, Shape, Simd,
-};
+use batchnorm::{backward, reference, Activation, Error, Gradients, Mode, Params, Shape, Simd};
 use common::*;
 use quickcheck::{Arbitrary, Gen, QuickCheck};
 
@@ -771,5 +769,4 @@ fn reference_matches_finite_differences() {
             dx[i]
         );
     }
-    let _ = Layout::Nhwc;
 }

@@ -451,13 +451,15 @@ fn results_do_not_depend_on_alignment() {
 }
 
 /// Outputs of 32 MiB and more are written with streaming stores on x86-64
-/// where the channel pattern fits the registers (`STREAM_MIN_BYTES` in
-/// src/normalize.rs): a tensor of 36-38 MB gives, bit for bit, what the
-/// same kernel gives for each of its batch elements (12-13 MB, written
-/// through the caches), for every width, with a register-resident channel
-/// pattern (streamed), NCHW runs and wide NHWC rows (not streamed: the
-/// decision is the kernel's, this checks it), the output at two offsets,
-/// out of place and in place.
+/// by the channels-last loops whose rows all start alike against the
+/// vector (`STREAM_MIN_BYTES` and `streams_rows` in src/normalize.rs): a
+/// tensor of 35-38 MB gives, bit for bit, what the same kernel gives for
+/// each of its batch elements (12-13 MB, written through the caches), for
+/// every width. The shapes: a pattern of one vector in registers, one of
+/// nine vectors (C = 144) and rows of 2048 channels (streamed); NCHW runs
+/// and rows of 1000 channels (not streamed: the decision is the kernel's,
+/// this checks it); the output as allocated, on a line and off one, and
+/// in place.
 /// Only x86-64 streams; elsewhere this is 36 MB of work under an emulator
 /// for nothing the other tests do not cover.
 #[cfg(target_arch = "x86_64")]
@@ -469,6 +471,8 @@ fn streamed_outputs_match_cached_ones() {
         Shape::nchw(3, 3, 1_000_003),
         Shape::nhwc(3, 200_003, 16),
         Shape::nhwc(3, 3_001, 1000),
+        Shape::nhwc(3, 21_003, 144),
+        Shape::nhwc(3, 1_501, 2048),
     ];
     for shape in shapes {
         let c = shape.channels;
@@ -498,8 +502,12 @@ fn streamed_outputs_match_cached_ones() {
             for (xe, ye) in x.chunks_exact(item).zip(want.chunks_exact_mut(item)) {
                 simd.normalize(xe, ye, one, &p).unwrap();
             }
-            for yo in [0, 5] {
+            // As allocated (16 bytes past a 64-byte line for an `mmap`ed
+            // block of glibc), 5 elements on, and on a 64-byte line: wide
+            // rows stream only from a line's start.
+            for at in [None, Some(5), Some(0)] {
                 let mut yb = vec![f32::NAN; len + 16];
+                let yo = at.map_or(0, |k| (k + 16 - (yb.as_ptr() as usize / 4) % 16) % 16);
                 let y = &mut yb[yo..][..len];
                 simd.normalize(&x, y, shape, &p).unwrap();
                 assert!(bits(y) == bits(&want), "{simd:?} {shape:?} y +{yo}");
