@@ -202,9 +202,8 @@
 //! for every channel count whose pattern (`lcm(C, lanes)` elements) is at
 //! most 1024 long, and every multiple of 16 (a 64-byte line); not for
 //! C = 1000 with sixteen lanes, whose rows start alternately on and off a
-//! line. Such a
-//! call ends with an `sfence`, so the output is ordered before anything
-//! the caller does next (a lock, a channel).
+//! line. Such a call ends with an `sfence`, so the output is ordered
+//! before anything the caller does next (a lock, a channel).
 //! Smaller outputs, and other layouts, go through the caches, where the
 //! next layer finds them. The size is each call's (a threaded call decides
 //! per chunk); the results are the same bits either way.

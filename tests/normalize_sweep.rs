@@ -451,15 +451,15 @@ fn results_do_not_depend_on_alignment() {
 }
 
 /// Outputs of 32 MiB and more are written with streaming stores on x86-64
-/// by the channels-last loops whose rows all start alike against the
-/// vector (`STREAM_MIN_BYTES` and `streams_rows` in src/normalize.rs): a
-/// tensor of 35-38 MB gives, bit for bit, what the same kernel gives for
-/// each of its batch elements (12-13 MB, written through the caches), for
-/// every width. The shapes: a pattern of one vector in registers, one of
-/// nine vectors (C = 144) and rows of 2048 channels (streamed); NCHW runs
-/// and rows of 1000 channels (not streamed: the decision is the kernel's,
-/// this checks it); the output as allocated, on a line and off one, and
-/// in place.
+/// by the channels-last loops whose rows are back to back or all start
+/// alike against the cache line (`STREAM_MIN_BYTES` and `streams_rows` in
+/// src/normalize.rs): a tensor of 35-38 MB gives, bit for bit, what the
+/// same kernel gives for each of its batch elements (12-13 MB, written
+/// through the caches), for every width. The shapes: a pattern of one
+/// vector in registers, one of nine vectors (C = 144) and rows of 2048
+/// channels (streamed); NCHW runs and rows of 1000 channels (not
+/// streamed: the decision is the kernel's, this checks it); the output as
+/// allocated, on a line and off one, and in place.
 /// Only x86-64 streams; elsewhere this is 36 MB of work under an emulator
 /// for nothing the other tests do not cover.
 #[cfg(target_arch = "x86_64")]
