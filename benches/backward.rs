@@ -78,6 +78,45 @@ fn bound_backward(
     }
 }
 
+/// The vector operations of backward with ReLU in the limit's access
+/// pattern: the two passes over the flat input with one set of coefficients
+/// (no channels, blocks or `f64`). Each vector of pass 1 recomputes the
+/// forward's `y = x * a + b`, compares it, keeps `dy` where it passed
+/// (`g`), and adds `g` and `g * (x - m)` (four accumulator pairs); each of
+/// pass 2 does the same mask and `dx = g * p + ((x - m) * q + r)`. Six
+/// vector operations per vector in each pass, against the rooflines' one
+/// and two: on a core with two 512-bit FP ports that is three cycles per
+/// vector of `x` and `dy`, so this says how much of the limit the
+/// operation count alone leaves to the fused ReLU.
+#[inline(never)]
+fn bound_relu(x: &[f32], dy: &[f32], dx: &mut [f32]) -> f32 {
+    let zero = Native::splat(0.0);
+    let (a, b, m) = (Native::splat(1.25), Native::splat(0.5), Native::splat(0.1));
+    let (p, q, r) = (
+        Native::splat(0.75),
+        Native::splat(-0.5),
+        Native::splat(0.25),
+    );
+    let keep = |xv: Native, dv: Native| xv.mul_add(a, b).simd_gt(zero) & dv;
+    let (mut s, mut t) = ([zero; 4], [zero; 4]);
+    let xs = x.chunks_exact(4 * LANES);
+    let ds = dy.chunks_exact(4 * LANES);
+    for (xc, dc) in xs.zip(ds) {
+        for k in 0..4 {
+            let (xv, dv) = (load(&xc[k * LANES..]), load(&dc[k * LANES..]));
+            let g = keep(xv, dv);
+            s[k] += g;
+            t[k] = g.mul_add(xv - m, t[k]);
+        }
+    }
+    let ins = x.chunks_exact(LANES).zip(dy.chunks_exact(LANES));
+    for ((xc, dc), oc) in ins.zip(dx.chunks_exact_mut(LANES)) {
+        let (xv, dv) = (load(xc), load(dc));
+        store(keep(xv, dv).mul_add(p, (xv - m).mul_add(q, r)), oc);
+    }
+    ((s[0] + s[1]) + (s[2] + s[3]) + (t[0] + t[1]) + (t[2] + t[3])).reduce_add()
+}
+
 fn bench(cr: &mut Criterion) {
     let simd = simd();
     for layout in [Layout::Nhwc, Layout::Nchw] {
@@ -115,6 +154,9 @@ fn bench(cr: &mut Criterion) {
                 });
                 group.bench_function(BenchmarkId::new("roofline_rw2", &id), |b| {
                     b.iter(|| roofline_rw2(black_box(x), black_box(dy), &mut out[1..]))
+                });
+                group.bench_function(BenchmarkId::new("bound_relu", &id), |b| {
+                    b.iter(|| black_box(bound_relu(black_box(x), black_box(dy), &mut out[1..])))
                 });
                 if layout == Layout::Nhwc && c > GROUP * LANES {
                     let (mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c]);

@@ -30,7 +30,8 @@ the kernel's three operations per vector in the roofline's pattern;
 `bound_affine` for affine,
 normalize and infer; for train the moments bound and `bound_affine` added, a
 roofline standing in for a pass without one; `bound_backward` of benches/backward.rs for backward
-and backward_relu): the share of the limit that the simplest kernel in the
+and backward_relu, and for backward_relu the slower of it and `bound_relu`,
+the mask's six operations per vector in each pass): the share of the limit that the simplest kernel in the
 same access pattern, doing less than the crate's, reaches. A ratio near the
 bound and a bound under the target means the layout, not the kernel, holds
 the row back. The scalar baselines of the moments bench (reference_f64,
@@ -123,9 +124,14 @@ def bound_for(func, funcs):
         if (first or affine) and read and rw:
             return (first or read[1]) + (affine or rw)[1]
         return None
-    if func in ("backward", "backward_relu"):
+    if func == "backward":
         back = funcs.get("bound_backward")
         return back[1] if back else None
+    if func == "backward_relu":
+        # The wide rows' access pattern and the mask's operations: the
+        # slower of the two bounds holds.
+        both = (funcs.get("bound_backward"), funcs.get("bound_relu"))
+        return max((b[1] for b in both if b), default=None)
     if func.startswith(RW_KERNELS):
         return affine[1] if affine else None
     if func == "moments":
