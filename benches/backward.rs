@@ -85,9 +85,10 @@ fn bound_backward(
 /// (`g`), and adds `g` and `g * (x - m)` (four accumulator pairs); each of
 /// pass 2 does the same mask and `dx = g * p + ((x - m) * q + r)`. Six
 /// vector operations per vector in each pass, against the rooflines' one
-/// and two: on a core with two 512-bit FP ports that is three cycles per
-/// vector of `x` and `dy`, so this says how much of the limit the
-/// operation count alone leaves to the fused ReLU.
+/// and two (five on the FP ports where the compiler folds keeping `dy` into
+/// a masked load, as with AVX-512: 2.5 cycles per vector of `x` and `dy` on
+/// a core with two 512-bit FP ports), so this says how much of the limit
+/// the operation count alone leaves to the fused ReLU.
 #[inline(never)]
 fn bound_relu(x: &[f32], dy: &[f32], dx: &mut [f32]) -> f32 {
     let zero = Native::splat(0.0);
