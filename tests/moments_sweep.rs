@@ -147,6 +147,26 @@ fn rows_of_up_to_sixteen_vectors() {
     }
 }
 
+/// An NCHW run is summed eight vectors at a time, then four, then one
+/// vector per slot, then the narrower widths. Every run length from 7 to
+/// 17 vectors plus one, so each loop's first and last iteration and every
+/// remainder, on every width, misaligned, with an ill-conditioned channel.
+#[test]
+fn runs_around_the_unrolled_loop() {
+    let mut rng = Rng::new(11);
+    for simd in Simd::ALL {
+        let w = simd.lanes();
+        for s in 7 * w..=17 * w + 1 {
+            let shape = Shape::nchw(2, 3, s);
+            let x = channel_data(&mut rng, shape, &[1e3, -2.0, 0.5], &[1.0, 0.5, 1e-3]);
+            for off in [0, 1, 3] {
+                let buf = misaligned(&x, off);
+                check(simd, &buf[off..], shape);
+            }
+        }
+    }
+}
+
 #[test]
 fn outlier_first_element() {
     // The first element of every channel is 1e4 σ away from the rest: the

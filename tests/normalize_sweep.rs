@@ -456,10 +456,11 @@ fn results_do_not_depend_on_alignment() {
 /// src/normalize.rs): a tensor of 35-38 MB gives, bit for bit, what the
 /// same kernel gives for each of its batch elements (12-13 MB, written
 /// through the caches), for every width. The shapes: a pattern of one
-/// vector in registers, one of nine vectors (C = 144) and rows of 2048
-/// channels (streamed); NCHW runs and rows of 1000 channels (not
-/// streamed: the decision is the kernel's, this checks it); the output as
-/// allocated, on a line and off one, and in place.
+/// vector in registers and one of nine vectors (C = 144), streamed; rows
+/// of 2048 channels, streamed only on an output that starts on a line;
+/// NCHW runs and rows of 1000 channels, not streamed (the decision is the
+/// kernel's, this checks it); the output as allocated, on a line and off
+/// one, and in place.
 /// Only x86-64 streams; elsewhere this is 36 MB of work under an emulator
 /// for nothing the other tests do not cover.
 #[cfg(target_arch = "x86_64")]
