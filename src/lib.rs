@@ -197,7 +197,7 @@
 //! With those two widths, normalization (`normalize`, `affine`, inference,
 //! the training step's second pass) of a channels-last tensor, or of an
 //! NCHW tensor with fewer positions than lanes (the same periodic path),
-//! writes an output of 32 MiB or more with streaming stores (`vmovntps`):
+//! writes an output of 16 MiB or more with streaming stores (`vmovntps`):
 //! past the caches, without first reading each line it writes, a third
 //! less memory traffic once the tensors no longer fit the last-level
 //! cache. That is for every channel count whose pattern (`lcm(C, lanes)`

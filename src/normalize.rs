@@ -245,17 +245,20 @@ fn span_mut(s: &mut [f32], start: usize, len: usize) -> Option<&mut [f32]> {
 /// Outputs of at least this many bytes are written with streaming stores
 /// ([`Lane::stream`]) where the lanes have them, by the loops of
 /// channels-last rows whose stores cover whole cache lines of their own
-/// ([`streams_rows`]). A tensor this size leaves the last-level cache of
-/// the machines measured, and a store through the caches then costs a
-/// read of the line as well: on an Intel Xeon with AVX-512, NHWC C = 3 and
+/// ([`streams_rows`]). With its input, a tensor this size fills the
+/// 32 MiB last-level cache of an AMD Zen 4 or Zen 5 core complex, and a
+/// store through the caches then costs a read of the line as well: on a
+/// Zen 5, batch-32 NHWC inference of 19-26 MB went from 18-32 to 35-42
+/// GB/s; at 8 MiB, where input and output stay in that cache, streaming
+/// ran 1.4-1.7 times slower. On an Intel Xeon with AVX-512, NHWC C = 3 and
 /// 64 at 64 MiB went from 14.6-16.5 to 26.2-26.7 GB/s, and 32x144x56x56
-/// inference from 7.6-7.8 to 9.6-10.7. NCHW runs (lines at each run's
-/// ends are written by both kinds of store) gained nothing, so they store
-/// through the caches. At 26 MB, still in the cache, streaming lost 2-7%
-/// (benches/README.md). The caches' size is not asked of the CPU: under a
-/// hypervisor `cpuid` may report what the guest does not get (480 MiB of
-/// L3 on the Xeon measured).
-pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
+/// inference from 7.6-7.8 to 9.6-10.7; at 26 MB (its last-level cache is
+/// larger) streaming lost 2-7%. NCHW runs (lines at each run's ends are
+/// written by both kinds of store) gained nothing, so they store through
+/// the caches (benches/README.md). The caches' size is not asked of the
+/// CPU: under a hypervisor `cpuid` may report what the guest does not get
+/// (480 MiB of L3 on the Xeon measured).
+pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
 
 /// Whether an output of `len` elements is written with streaming stores.
 #[inline(always)]
