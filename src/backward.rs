@@ -64,7 +64,7 @@
 //! documented on [`backward`].
 
 use crate::error::Error;
-use crate::lanes::{enabled, inlined, with_lane, Lane, Simd, COMPACT, SMALL_STACK};
+use crate::lanes::{enabled, inlined, with_lane, Lane, Line, Simd, COMPACT, SMALL_STACK};
 use crate::normalize::{aligns, fold_span, head_of, paired_rows, Activation, Params};
 use crate::shape::{Layout, Shape};
 use wide::f64x4;
@@ -888,14 +888,16 @@ impl Form for Infer {
 // Windows
 
 /// The stack state of one window: per-position coefficients, per-channel
-/// `f64` sums, and which window channel each position belongs to.
+/// `f64` sums, and which window channel each position belongs to. The
+/// coefficient patterns start on a cache line ([`Line`]), loaded a vector
+/// at a time beside the data.
 struct Win {
-    a: [f32; WINDOW],
-    b: [f32; WINDOW],
-    m: [f32; WINDOW],
-    p: [f32; WINDOW],
-    q: [f32; WINDOW],
-    r: [f32; WINDOW],
+    a: Line<f32, WINDOW>,
+    b: Line<f32, WINDOW>,
+    m: Line<f32, WINDOW>,
+    p: Line<f32, WINDOW>,
+    q: Line<f32, WINDOW>,
+    r: Line<f32, WINDOW>,
     ch: [u16; WINDOW],
     sg: [f64; WINDOW],
     sgd: [f64; WINDOW],
@@ -907,12 +909,12 @@ struct Win {
 impl Win {
     fn new() -> Win {
         Win {
-            a: [0.0; WINDOW],
-            b: [0.0; WINDOW],
-            m: [0.0; WINDOW],
-            p: [0.0; WINDOW],
-            q: [0.0; WINDOW],
-            r: [0.0; WINDOW],
+            a: Line([0.0; WINDOW]),
+            b: Line([0.0; WINDOW]),
+            m: Line([0.0; WINDOW]),
+            p: Line([0.0; WINDOW]),
+            q: Line([0.0; WINDOW]),
+            r: Line([0.0; WINDOW]),
             ch: [0; WINDOW],
             sg: [0.0; WINDOW],
             sgd: [0.0; WINDOW],
@@ -922,12 +924,12 @@ impl Win {
 
     fn pat(&self, from: usize, to: usize) -> Option<Pat<'_>> {
         Pat {
-            a: &self.a,
-            b: &self.b,
-            m: &self.m,
-            p: &self.p,
-            q: &self.q,
-            r: &self.r,
+            a: &self.a.0,
+            b: &self.b.0,
+            m: &self.m.0,
+            p: &self.p.0,
+            q: &self.q.0,
+            r: &self.r.0,
         }
         .slice(from, to)
     }

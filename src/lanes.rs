@@ -466,6 +466,36 @@ pub(crate) const SMALL_STACK: bool = cfg!(any(
     not(any(target_arch = "x86_64", target_arch = "aarch64"))
 ));
 
+/// `N` values starting on a 64-byte boundary (a cache line, and the widest
+/// vector) on x86-64 and aarch64: the coefficient patterns that the
+/// channels-last kernels load a vector at a time beside the data. Where the
+/// frame put them, a sixteen-lane load could straddle two lines on every
+/// vector: batch-32 NHWC inference with C = 512 and 1024 (13 MB) went from
+/// 24-29 to 41 GB/s with the patterns on a line, and 1x144x28x28 from 46
+/// to 57 (AMD Zen 5, `benches/README.md`). Elsewhere (microcontrollers,
+/// 32-bit targets) stacks are small and a default build's lanes at most
+/// four wide: no padding there.
+#[cfg_attr(
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    repr(C, align(64))
+)]
+pub(crate) struct Line<T, const N: usize>(pub(crate) [T; N]);
+
+impl<T, const N: usize> core::ops::Deref for Line<T, N> {
+    type Target = [T; N];
+    #[inline(always)]
+    fn deref(&self) -> &[T; N] {
+        &self.0
+    }
+}
+
+impl<T, const N: usize> core::ops::DerefMut for Line<T, N> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut [T; N] {
+        &mut self.0
+    }
+}
+
 /// Whether any lane type of this build streams its stores
 /// ([`Lane::stream`]): the run-time selected x86-64 types.
 pub(crate) const STREAMS: bool = cfg!(all(target_arch = "x86_64", not(batchnorm_compact)));

@@ -198,17 +198,17 @@
 //! the training step's second pass) of a channels-last tensor, or of an
 //! NCHW tensor with fewer positions than lanes (the same periodic path),
 //! writes an output of 16 MiB or more with streaming stores (`vmovntps`):
-//! past the caches, without first reading each line it writes, a third
-//! less memory traffic once the tensors no longer fit the last-level
-//! cache. That is for every channel count whose pattern (`lcm(C, lanes)`
-//! elements) is at most 1024 long, and every multiple of 16 (a 64-byte
-//! line; rows longer than 1024 only when the output starts on a line); not
-//! for C = 1000 with sixteen lanes, whose rows start alternately on and off
-//! a line. Such a call ends with an `sfence`, so the output is ordered
-//! before anything the caller does next (a lock, a channel). Smaller
-//! outputs, and NCHW runs of a vector or more, go through the caches,
-//! where the next layer finds them. The size is each call's (a threaded
-//! call decides per chunk); the results are the same bits either way.
+//! past the caches, without first reading each line it writes, a third less
+//! memory traffic once the tensors no longer fit the last-level cache. That
+//! is for every channel count whose pattern (`lcm(C, lanes)` elements) is
+//! at most 2048 long (C = 1000 with sixteen lanes: two rows), and every
+//! multiple of 16 (a 64-byte line; rows longer than 2048 only when the
+//! output starts on a line). Such a call ends with an `sfence`, so the
+//! output is ordered before anything the caller does next (a lock, a
+//! channel). Smaller outputs, and NCHW runs of a vector or more, go through
+//! the caches, where the next layer finds them. The size is each call's (a
+//! threaded call decides per chunk); the results are the same bits either
+//! way.
 //!
 //! On every target but x86-64 and aarch64 (i686 included) the
 //! stack-resident windows are small, so that every kernel stays within

@@ -23,24 +23,29 @@
 //! * Otherwise the tensor is periodic (NHWC, or NCHW with short runs): the
 //!   per-position coefficients of one period are laid out in a stack
 //!   pattern, repeated over a super-row of `lcm(period, lanes)` elements
-//!   when that is short, and streamed alongside the data. Long NHWC rows use
-//!   the caller's `a` and `b` slices directly.
+//!   when that is at most [`SEGMENT`] long (on x86-64 and aarch64, up to
+//!   2048 on a tensor of at least 16 super-rows), and streamed alongside
+//!   the data. Longer NHWC rows use the caller's `a` and `b` slices
+//!   directly.
 //!
 //! Tails (the end of a run, of a row, or a partial super-row) go through the
 //! same code with half-width lanes, down to one-lane `f32`.
 //!
 //! # Stack
 //!
-//! Two patterns of [`SEGMENT`] `f32` (8 KiB; rows of more than 1024
-//! positions add two segments of 2048, 16 KiB), and 0.5 KiB to stage the
-//! coefficients of 64 channels while they are spread over NCHW positions
-//! (fewer spatial positions than lanes). No heap. On every target but x86-64
-//! and aarch64 the segment is 256 positions (2 KiB) and the staging 32
-//! channels (256 B): on a Cortex-M4, `normalize` and `affine` use at most
-//! 2.7 KiB of stack, whatever the shape (`.ci/firmware` paints it).
+//! Two patterns of [`SEGMENT`] `f32` (8 KiB; super-rows or rows of more
+//! than 1024 positions take two of 2048 instead, 16 KiB), and 0.5 KiB to
+//! stage the coefficients of 64 channels while they are spread over NCHW
+//! positions (fewer spatial positions than lanes). No heap. On every target
+//! but x86-64 and aarch64 the segment is 256 positions (2 KiB) and the
+//! staging 32 channels (256 B): on a Cortex-M4, `normalize` and `affine`
+//! use at most 2.7 KiB of stack, whatever the shape (`.ci/firmware` paints
+//! it).
 
 use crate::error::{check_epsilon, Error};
-use crate::lanes::{enabled, store_fence, with_lane, Lane, Simd, COMPACT, SMALL_STACK, STREAMS};
+use crate::lanes::{
+    enabled, store_fence, with_lane, Lane, Line, Simd, COMPACT, SMALL_STACK, STREAMS,
+};
 use crate::shape::{Layout, Shape};
 use wide::f64x4;
 
@@ -456,9 +461,10 @@ const LINE: usize = 16;
 /// output's `stream` flag: when no cache line is written by both kinds of
 /// store (but at the tensor's ends), that is, when the rows are back to
 /// back or each starts where the first does against the line. Rows of
-/// 1000 channels do not: every other row starts half a line off, so the
-/// vectors of one row would stream and those of the next store through
-/// the cache, into the same lines. Paired rows never stream: they stop at
+/// 1000 channels one at a time do not: every other row starts half a line
+/// off, so the vectors of one row would stream and those of the next store
+/// through the cache, into the same lines ([`long_supers`] takes them two
+/// at a time). Paired rows never stream: they stop at
 /// [`PAIRED_ROWS_MAX`] elements, far below [`STREAM_MIN_BYTES`].
 /// `map_pattern` tests the flag once, outside two copies of its loop: a
 /// branch per store there cost up to 25% at 256 KiB, where nothing
@@ -470,6 +476,20 @@ fn streams_rows<V: Lane>(stream: bool, stride: usize, len: usize) -> bool {
     // folds the streaming copy of the loops out of every lane type without
     // one (and so out of every firmware build).
     V::STREAMS && stream && (stride == len || stride.is_multiple_of(LINE))
+}
+
+/// The rows of [`split_rows`] and [`in_place_rows`] as one span: the step
+/// from row to row and the span's length, so that the rows are cut from it
+/// with `chunks`. Slicing each row out of the tensor with checks of its
+/// own cost more than the row's work at L3 size: 32x144x28x28 NHWC
+/// inference (rows of nine sixteen-lane vectors) ran at 23 against 38 GB/s
+/// (AMD Zen 5, `benches/README.md`). `stride >= len` but for a single row,
+/// whose `stride` is 0.
+#[inline(always)]
+fn row_span(rows: usize, stride: usize, len: usize) -> Option<(usize, usize)> {
+    let step = stride.max(len).max(1);
+    let total = rows.checked_sub(1)?.checked_mul(step)?.checked_add(len)?;
+    Some((step, total))
 }
 
 /// `rows` rows of `pa.len()` elements, `stride` apart from `start`, one
@@ -484,9 +504,15 @@ fn split_rows<V: Lane, const STREAM: bool>(
     f: impl Fn(V, V, V) -> V,
 ) {
     let (w, len) = (V::WIDTH, pa.len());
-    for r in 0..rows {
-        let base = start + r * stride;
-        let (Some(x), Some(y)) = (span(x, base, len), span_mut(y, base, len)) else {
+    let Some((step, total)) = row_span(rows, stride, len) else {
+        return;
+    };
+    let (Some(x), Some(y)) = (span(x, start, total), span_mut(y, start, total)) else {
+        return;
+    };
+    let mut xrs = x.chunks(step);
+    for y in y.chunks_mut(step) {
+        let (Some(x), Some(y)) = (xrs.next().and_then(|x| x.get(..len)), y.get_mut(..len)) else {
             return;
         };
         let (mut xs, mut pas, mut pbs) =
@@ -635,9 +661,14 @@ fn in_place_rows<V: Lane, const STREAM: bool>(
     f: impl Fn(V, V, V) -> V,
 ) {
     let (w, len) = (V::WIDTH, pa.len());
-    for r in 0..rows {
-        let base = start + r * stride;
-        let Some(y) = span_mut(y, base, len) else {
+    let Some((step, total)) = row_span(rows, stride, len) else {
+        return;
+    };
+    let Some(y) = span_mut(y, start, total) else {
+        return;
+    };
+    for y in y.chunks_mut(step) {
+        let Some(y) = y.get_mut(..len) else {
             return;
         };
         let (mut pas, mut pbs) = (pa.chunks_exact(w), pb.chunks_exact(w));
@@ -1365,40 +1396,93 @@ fn periodic<V: Lane, A: Act, IO: Io>(
     act: A,
 ) {
     enabled!(V => {
-        let w = V::WIDTH;
         // `None` (longer than any pattern) when `lcm` does not fit in `usize`.
-        let lcm = crate::moments::lcm(period, w).filter(|&l| l <= SEGMENT);
-        if let (Coef::Given { a, b }, 1, None) = (coef, div, lcm) {
+        let lcm = crate::moments::lcm(period, V::WIDTH);
+        let long = |l: usize| l <= LONG_SEGMENT && rows * period / LONG_SUPERS_MIN >= l;
+        if let Some(lcm) = lcm.filter(|&l| l <= SEGMENT) {
+            let mut pa = Line([0.0f32; SEGMENT]);
+            let mut pb = Line([0.0f32; SEGMENT]);
+            supers::<V, A, IO>(io, (period, div, rows, lcm), coef, act, (&mut pa.0, &mut pb.0));
+        } else if !SMALL_STACK && lcm.is_some_and(long) {
+            long_supers::<V, A, IO>(io, period, div, rows, coef, act);
+        } else if let (Coef::Given { a, b }, 1) = (coef, div) {
             // Long channels-last rows: the caller's coefficients are the pattern.
             pattern_rows::<V, A, IO>(io, 0, rows, period, a, b, act);
-            return;
-        }
-        let mut pa = [0.0f32; SEGMENT];
-        let mut pb = [0.0f32; SEGMENT];
-        if let Some(lcm) = lcm {
-            // Super-rows of `lcm` elements share one pattern; the partial last
-            // super-row uses a prefix of it. (`1 <= period <= lcm <= SEGMENT`:
-            // the `min`s and `max`es below only let the compiler see it.)
-            let period = period.min(lcm).max(1);
-            coef.fill_positions::<V>(0, div, &mut pa[..period], &mut pb[..period]);
-            repeat(&mut pa[..lcm], period);
-            repeat(&mut pb[..lcm], period);
-            let per = (lcm / period).max(1);
-            let total = rows * period;
-            if aligns::<V>(total) && total >= lcm {
-                aligned_supers::<V, A, IO>(io, total, (&mut pa[..lcm], &mut pb[..lcm]), act);
-                return;
-            }
-            let supers = rows / per;
-            some_supers::<V, A, IO>(io, 0, supers, (&pa[..lcm], &pb[..lcm]), act);
-            // Fewer than `per` rows are left, less than one pattern.
-            let left = ((rows - supers * per) * period).min(lcm);
-            pattern_rows::<V, A, IO>(io, supers * lcm, 1, 0, &pa[..left], &pb[..left], act);
         } else if !SMALL_STACK && period > SEGMENT {
             long_rows::<V, A, IO>(io, period, div, rows, coef, act);
         } else {
-            sweep::<V, A, IO>(io, period, div, rows, coef, act, (&mut pa, &mut pb));
+            let mut pa = Line([0.0f32; SEGMENT]);
+            let mut pb = Line([0.0f32; SEGMENT]);
+            sweep::<V, A, IO>(io, period, div, rows, coef, act, (&mut pa.0, &mut pb.0));
         }
+    })
+}
+
+/// Periodic rows whose super-row of `lcm` elements fits the pattern `pa`,
+/// `pb`: super-rows share one pattern; the partial last super-row uses a
+/// prefix of it.
+#[inline(always)]
+fn supers<V: Lane, A: Act, IO: Io>(
+    io: &mut IO,
+    (period, div, rows, lcm): (usize, usize, usize, usize),
+    coef: Coef<'_>,
+    act: A,
+    (pa, pb): (&mut [f32], &mut [f32]),
+) {
+    // `1 <= period <= lcm <= pa.len()` on every call: the `min`s and `max`es
+    // only let the compiler see it.
+    let lcm = lcm.min(pa.len()).min(pb.len());
+    let period = period.min(lcm).max(1);
+    let (Some(pa), Some(pb)) = (pa.get_mut(..lcm), pb.get_mut(..lcm)) else {
+        return;
+    };
+    let (Some(fa), Some(fb)) = (pa.get_mut(..period), pb.get_mut(..period)) else {
+        return;
+    };
+    coef.fill_positions::<V>(0, div, fa, fb);
+    repeat(pa, period);
+    repeat(pb, period);
+    let per = (lcm / period).max(1);
+    let total = rows * period;
+    if aligns::<V>(total) && total >= lcm {
+        aligned_supers::<V, A, IO>(io, total, (pa, pb), act);
+        return;
+    }
+    let supers = rows / per;
+    some_supers::<V, A, IO>(io, 0, supers, (pa, pb), act);
+    // Fewer than `per` rows are left, less than one pattern.
+    let left = ((rows - supers * per) * period).min(lcm);
+    pattern_rows::<V, A, IO>(io, supers * lcm, 1, 0, &pa[..left], &pb[..left], act);
+}
+
+/// Fewest super-rows for [`long_supers`]: its pattern costs a pass over up
+/// to [`LONG_SEGMENT`] coefficients, which NHWC C = 1000 affine
+/// normalization (two rows a super-row) paid back from 12 super-rows on
+/// and lost below 8: at 4 rows 36 against 59-64 GB/s, at 49 rows 96-99
+/// against 66-70 (AMD Zen 5, `benches/README.md`).
+const LONG_SUPERS_MIN: usize = 16;
+
+/// Periodic rows whose super-row is longer than [`SEGMENT`] but fits
+/// [`LONG_SEGMENT`] (NHWC C = 1000 with eight or sixteen lanes: two rows),
+/// on a tensor of at least [`LONG_SUPERS_MIN`] super-rows, on x86-64 and
+/// aarch64: as [`supers`], so that every row's stores are aligned, in a
+/// frame of its own (16 KiB), as [`long_rows`]. Rows one at a time
+/// alternated between aligned and half a line off, and the caller's
+/// coefficients, loaded directly, were wherever its allocator put them.
+#[inline(never)]
+fn long_supers<V: Lane, A: Act, IO: Io>(
+    io: &mut IO,
+    period: usize,
+    div: usize,
+    rows: usize,
+    coef: Coef<'_>,
+    act: A,
+) {
+    enabled!(V => {
+        let lcm = crate::moments::lcm(period, V::WIDTH).unwrap_or(0);
+        let mut pa = Line([0.0f32; LONG_SEGMENT]);
+        let mut pb = Line([0.0f32; LONG_SEGMENT]);
+        supers::<V, A, IO>(io, (period, div, rows, lcm), coef, act, (&mut pa.0, &mut pb.0));
     })
 }
 
@@ -1527,8 +1611,8 @@ fn long_rows<V: Lane, A: Act, IO: Io>(
     act: A,
 ) {
     enabled!(V => {
-        let mut pa = [0.0f32; LONG_SEGMENT];
-        let mut pb = [0.0f32; LONG_SEGMENT];
-        sweep::<V, A, IO>(io, period, div, rows, coef, act, (&mut pa, &mut pb));
+        let mut pa = Line([0.0f32; LONG_SEGMENT]);
+        let mut pb = Line([0.0f32; LONG_SEGMENT]);
+        sweep::<V, A, IO>(io, period, div, rows, coef, act, (&mut pa.0, &mut pb.0));
     })
 }

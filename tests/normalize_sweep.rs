@@ -39,6 +39,7 @@ fn shapes(lanes: usize) -> Vec<Shape> {
         100,
         513,
         1000,
+        1040,
     ] {
         for &k in &counts {
             let k = k.max(1);
@@ -457,10 +458,10 @@ fn results_do_not_depend_on_alignment() {
 /// same kernel gives for each of its batch elements (12-13 MB, written
 /// through the caches), for every width. The shapes: a pattern of one
 /// vector in registers and one of nine vectors (C = 144), streamed; rows
-/// of 2048 channels, streamed only on an output that starts on a line;
-/// NCHW runs and rows of 1000 channels, not streamed (the decision is the
-/// kernel's, this checks it); the output as allocated, on a line and off
-/// one, and in place.
+/// of 1000 and 2048 channels, whose patterns are longer than 1024
+/// positions; NCHW runs, not streamed (the decision is the kernel's, this
+/// checks it); the output as allocated, on a line and off one, and in
+/// place.
 /// Only x86-64 streams; elsewhere this is 36 MB of work under an emulator
 /// for nothing the other tests do not cover.
 #[cfg(target_arch = "x86_64")]
@@ -504,8 +505,7 @@ fn streamed_outputs_match_cached_ones() {
                 simd.normalize(xe, ye, one, &p).unwrap();
             }
             // As allocated (16 bytes past a 64-byte line for an `mmap`ed
-            // block of glibc), 5 elements on, and on a 64-byte line: wide
-            // rows stream only from a line's start.
+            // block of glibc), 5 elements on, and on a 64-byte line.
             for at in [None, Some(5), Some(0)] {
                 let mut yb = vec![f32::NAN; len + 16];
                 let yo = at.map_or(0, |k| (k + 16 - (yb.as_ptr() as usize / 4) % 16) % 16);
