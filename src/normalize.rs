@@ -463,7 +463,7 @@ const LINE: usize = 16;
 /// back or each starts where the first does against the line. Rows of
 /// 1000 channels one at a time do not: every other row starts half a line
 /// off, so the vectors of one row would stream and those of the next store
-/// through the cache, into the same lines ([`long_supers`] takes them two
+/// through the cache, into the same lines ([`long_rows`] takes them two
 /// at a time). Paired rows never stream: they stop at
 /// [`PAIRED_ROWS_MAX`] elements, far below [`STREAM_MIN_BYTES`].
 /// `map_pattern` tests the flag once, outside two copies of its loop: a
@@ -1404,12 +1404,12 @@ fn periodic<V: Lane, A: Act, IO: Io>(
             let mut pb = Line([0.0f32; SEGMENT]);
             supers::<V, A, IO>(io, (period, div, rows, lcm), coef, act, (&mut pa.0, &mut pb.0));
         } else if !SMALL_STACK && lcm.is_some_and(long) {
-            long_supers::<V, A, IO>(io, period, div, rows, coef, act);
+            long_rows::<V, A, IO>(io, period, div, rows, coef, act, lcm);
         } else if let (Coef::Given { a, b }, 1) = (coef, div) {
             // Long channels-last rows: the caller's coefficients are the pattern.
             pattern_rows::<V, A, IO>(io, 0, rows, period, a, b, act);
         } else if !SMALL_STACK && period > SEGMENT {
-            long_rows::<V, A, IO>(io, period, div, rows, coef, act);
+            long_rows::<V, A, IO>(io, period, div, rows, coef, act, None);
         } else {
             let mut pa = Line([0.0f32; SEGMENT]);
             let mut pb = Line([0.0f32; SEGMENT]);
@@ -1455,36 +1455,12 @@ fn supers<V: Lane, A: Act, IO: Io>(
     pattern_rows::<V, A, IO>(io, supers * lcm, 1, 0, &pa[..left], &pb[..left], act);
 }
 
-/// Fewest super-rows for [`long_supers`]: its pattern costs a pass over up
-/// to [`LONG_SEGMENT`] coefficients, which NHWC C = 1000 affine
-/// normalization (two rows a super-row) paid back from 12 super-rows on
-/// and lost below 8: at 4 rows 36 against 59-64 GB/s, at 49 rows 96-99
-/// against 66-70 (AMD Zen 5, `benches/README.md`).
+/// Fewest super-rows for [`long_rows`]' long pattern, whose fill is a pass
+/// over up to [`LONG_SEGMENT`] coefficients. NHWC C = 1000 `affine` (two
+/// rows a super-row), one row at a time against the long pattern: 4 rows
+/// 59-64 against 36 GB/s, 16 rows 77 against 65-67, 32 rows even (76-81),
+/// 49 rows 66-70 against 96-99 (AMD Zen 5, `benches/README.md`).
 const LONG_SUPERS_MIN: usize = 16;
-
-/// Periodic rows whose super-row is longer than [`SEGMENT`] but fits
-/// [`LONG_SEGMENT`] (NHWC C = 1000 with eight or sixteen lanes: two rows),
-/// on a tensor of at least [`LONG_SUPERS_MIN`] super-rows, on x86-64 and
-/// aarch64: as [`supers`], so that every row's stores are aligned, in a
-/// frame of its own (16 KiB), as [`long_rows`]. Rows one at a time
-/// alternated between aligned and half a line off, and the caller's
-/// coefficients, loaded directly, were wherever its allocator put them.
-#[inline(never)]
-fn long_supers<V: Lane, A: Act, IO: Io>(
-    io: &mut IO,
-    period: usize,
-    div: usize,
-    rows: usize,
-    coef: Coef<'_>,
-    act: A,
-) {
-    enabled!(V => {
-        let lcm = crate::moments::lcm(period, V::WIDTH).unwrap_or(0);
-        let mut pa = Line([0.0f32; LONG_SEGMENT]);
-        let mut pb = Line([0.0f32; LONG_SEGMENT]);
-        supers::<V, A, IO>(io, (period, div, rows, lcm), coef, act, (&mut pa.0, &mut pb.0));
-    })
-}
 
 /// `supers` super-rows of the pattern `pa`, `pb` (whole vectors) from
 /// element `start`.
@@ -1597,10 +1573,17 @@ fn sweep<V: Lane, A: Act, IO: Io>(
     }
 }
 
-/// Rows of more than [`SEGMENT`] positions on x86-64 and aarch64, in
-/// segments of [`LONG_SEGMENT`]: a frame of its own, so that only these
-/// rows clear the larger arrays (16 KiB). Never reached where stacks are
-/// small.
+/// Periodic rows on x86-64 and aarch64 whose pattern needs more than
+/// [`SEGMENT`] positions, with patterns of [`LONG_SEGMENT`], in a frame of
+/// its own, so that only these rows clear the larger arrays (16 KiB); never
+/// reached where stacks are small. With `lcm`, a super-row of that many
+/// positions fits (NHWC C = 1000 with eight or sixteen lanes: two rows),
+/// on a tensor of at least [`LONG_SUPERS_MIN`] of them: [`supers`], so that
+/// every row's stores are aligned. Rows one at a time alternated between
+/// aligned and half a line off, and the caller's coefficients, loaded
+/// directly, were wherever its allocator put them. Without, rows of more
+/// than [`SEGMENT`] positions go in segments of [`LONG_SEGMENT`]
+/// ([`sweep`]).
 #[inline(never)]
 fn long_rows<V: Lane, A: Act, IO: Io>(
     io: &mut IO,
@@ -1609,10 +1592,15 @@ fn long_rows<V: Lane, A: Act, IO: Io>(
     rows: usize,
     coef: Coef<'_>,
     act: A,
+    lcm: Option<usize>,
 ) {
     enabled!(V => {
         let mut pa = Line([0.0f32; LONG_SEGMENT]);
         let mut pb = Line([0.0f32; LONG_SEGMENT]);
-        sweep::<V, A, IO>(io, period, div, rows, coef, act, (&mut pa.0, &mut pb.0));
+        let pattern = (&mut pa.0[..], &mut pb.0[..]);
+        match lcm {
+            Some(lcm) => supers::<V, A, IO>(io, (period, div, rows, lcm), coef, act, pattern),
+            None => sweep::<V, A, IO>(io, period, div, rows, coef, act, pattern),
+        }
     })
 }

@@ -96,7 +96,7 @@ pub fn alignment_shapes(w: usize) -> Vec<batchnorm::Shape> {
         shapes.push(Shape::nchw(rows, 3, 5));
     }
     // Super-rows longer than normalization's 1024-position pattern, on
-    // enough of them to take its long pattern (`long_supers`): two rows of
+    // enough of them to take its long pattern (`long_rows`): two rows of
     // 1000 channels with sixteen lanes, one row of 1040 with every width.
     shapes.push(Shape::nhwc(40, 1, 1000));
     shapes.push(Shape::nhwc(17, 1, 1040));
