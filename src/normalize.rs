@@ -1577,13 +1577,12 @@ fn sweep<V: Lane, A: Act, IO: Io>(
 /// [`SEGMENT`] positions, with patterns of [`LONG_SEGMENT`], in a frame of
 /// its own, so that only these rows clear the larger arrays (16 KiB); never
 /// reached where stacks are small. With `lcm`, a super-row of that many
-/// positions fits (NHWC C = 1000 with eight or sixteen lanes: two rows),
-/// on a tensor of at least [`LONG_SUPERS_MIN`] of them: [`supers`], so that
-/// every row's stores are aligned. Rows one at a time alternated between
-/// aligned and half a line off, and the caller's coefficients, loaded
-/// directly, were wherever its allocator put them. Without, rows of more
-/// than [`SEGMENT`] positions go in segments of [`LONG_SEGMENT`]
-/// ([`sweep`]).
+/// positions fits (NHWC C = 1000 with sixteen lanes: two rows), on a tensor
+/// of at least [`LONG_SUPERS_MIN`] of them: [`supers`], so that every row's
+/// stores are aligned. Rows one at a time alternated between aligned and
+/// half a line off, and the caller's coefficients, loaded directly, were
+/// wherever its allocator put them. Without, rows of more than [`SEGMENT`]
+/// positions go in segments of [`LONG_SEGMENT`] ([`sweep`]).
 #[inline(never)]
 fn long_rows<V: Lane, A: Act, IO: Io>(
     io: &mut IO,
