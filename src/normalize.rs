@@ -44,7 +44,7 @@
 
 use crate::error::{check_epsilon, Error};
 use crate::lanes::{
-    enabled, store_fence, with_lane, Lane, Line, Simd, COMPACT, SMALL_STACK, STREAMS,
+    enabled, inlined, store_fence, with_lane, Lane, Line, Simd, COMPACT, SMALL_STACK, STREAMS,
 };
 use crate::shape::{Layout, Shape};
 use wide::f64x4;
@@ -1340,9 +1340,13 @@ fn pattern_rows<V: Lane, A: Act, IO: Io>(
     else {
         return;
     };
-    io.map_pattern::<V>(start, rows, stride, pa, pb, |x, a, b| {
-        act.apply(x.mul_add(a, b))
-    });
+    // Inlined: with the long patterns' second caller the compiler left this
+    // closure out of line, compiled without the lanes' instructions.
+    let f = inlined(
+        #[inline(always)]
+        |x: V, a: V, b: V| act.apply(x.mul_add(a, b)),
+    );
+    io.map_pattern::<V>(start, rows, stride, pa, pb, f);
     if V::WIDTH > 1 && !ta.is_empty() {
         pattern_rows::<V::Half, A, IO>(io, start + whole, rows, stride, ta, tb, act);
     }
