@@ -684,7 +684,7 @@ fn in_place_rows<V: Lane, const STREAM: bool>(
 /// `dst` from the start of `src` (as much of it as `src` has: no panic
 /// path).
 #[inline(always)]
-fn copy_from(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn copy_from(dst: &mut [f32], src: &[f32]) {
     let n = dst.len().min(src.len());
     if let (Some(d), Some(s)) = (dst.get_mut(..n), src.get(..n)) {
         d.copy_from_slice(s);
