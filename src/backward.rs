@@ -1012,27 +1012,25 @@ impl Win {
         let chans = ch.iter().take(npos).enumerate();
         let ident = chans.fold(true, |id, (j, &k)| id & (k as usize == j));
         let mean = params.mean.get(c0..).unwrap_or_default();
-        match (ident, mask) {
+        if ident {
             // Position `j` is channel `j`: copies.
-            (true, false) => copy_from(m.get_mut(..npos).unwrap_or_default(), mean),
-            (true, true) => {
-                copy_from(m.get_mut(..npos).unwrap_or_default(), mean);
+            copy_from(m.get_mut(..npos).unwrap_or_default(), mean);
+            if mask {
                 copy_from(a.get_mut(..npos).unwrap_or_default(), &p[..]);
                 copy_from(b.get_mut(..npos).unwrap_or_default(), &q[..]);
             }
-            _ => {
-                let positions = ch
-                    .iter()
-                    .zip(a.iter_mut().zip(b.iter_mut()))
-                    .zip(m.iter_mut());
-                for ((&k, (a, b)), m) in positions.take(npos) {
-                    let k = k as usize;
-                    if mask {
-                        *a = p.get(k).copied().unwrap_or(0.0);
-                        *b = q.get(k).copied().unwrap_or(0.0);
-                    }
-                    *m = mean.get(k).copied().unwrap_or(0.0);
+        } else {
+            let positions = ch
+                .iter()
+                .zip(a.iter_mut().zip(b.iter_mut()))
+                .zip(m.iter_mut());
+            for ((&k, (a, b)), m) in positions.take(npos) {
+                let k = k as usize;
+                if mask {
+                    *a = p.get(k).copied().unwrap_or(0.0);
+                    *b = q.get(k).copied().unwrap_or(0.0);
                 }
+                *m = mean.get(k).copied().unwrap_or(0.0);
             }
         }
         // `p` and `q` hold pass 1's `f32` block sums.
@@ -1269,9 +1267,8 @@ fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
     let mut win = Win::new();
     match shape.layout {
         Layout::Nchw if s >= V::WIDTH => {
-            for (k, ch) in win.ch.iter_mut().enumerate() {
-                *ch = k as u16;
-            }
+            // One run per window channel: position `k` is channel `k`.
+            channels_of(&mut win.ch, WINDOW, 1);
             let mut c0 = 0;
             while c0 < c {
                 let cw = (c - c0).min(WINDOW);
