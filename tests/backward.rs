@@ -155,6 +155,26 @@ fn sweep_widths_layouts_lengths() {
     }
 }
 
+/// NCHW runs of every length up to five vectors and one: the whole
+/// vectors, what is left after them in every length (fewer than four
+/// elements one lane at a time, more as one vector ending with the run,
+/// its lanes already summed masked off), and runs shorter than a vector.
+#[test]
+fn nchw_runs_of_every_length() {
+    let mut rng = Rng::new(29);
+    for simd in Simd::ALL {
+        let w = simd.lanes().max(1);
+        for s in 1..=5 * w + 1 {
+            let shape = Shape::nchw(2, 3, s);
+            let prob = Problem::new(&mut rng, shape, &[0.5, -2.0, 30.0], &[1.0, 0.1, 4.0]);
+            let act = ACTIVATIONS[rng.below(4)];
+            for mode in MODES {
+                prob.check(simd, act, mode, rng.below(4));
+            }
+        }
+    }
+}
+
 /// `dx` is the same bit for bit wherever `x`, `dy` and `dx` sit against
 /// the vector size, and in place (runs and patterns long enough for the
 /// aligned stores of eight and sixteen lanes, with an end vector at each
@@ -168,7 +188,7 @@ fn dx_does_not_depend_on_alignment() {
         let w = simd.lanes().max(1);
         // NCHW runs either side of the eight vectors from which `dx` is
         // written aligned.
-        let runs = [8 * w - 1, 8 * w, 8 * w + 1, 9 * w + 3];
+        let runs = [3 * w + 5, 4 * w - 1, 8 * w - 1, 8 * w, 8 * w + 1, 9 * w + 3];
         let long = runs.iter().map(|&s| Shape::nchw(2, 3, s));
         for shape in alignment_shapes(w).into_iter().chain(long) {
             let mut prob = Problem::new(&mut rng, shape, &[0.5, -2.0, 30.0], &[1.0, 0.1, 4.0]);
