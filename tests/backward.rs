@@ -157,8 +157,8 @@ fn sweep_widths_layouts_lengths() {
 
 /// NCHW runs of every length up to five vectors and one: the whole
 /// vectors, what is left after them in every length (fewer than four
-/// elements one lane at a time, more as one vector ending with the run,
-/// its lanes already summed masked off), and runs shorter than a vector.
+/// elements one lane at a time, more through the narrower widths), and
+/// runs shorter than a vector.
 #[test]
 fn nchw_runs_of_every_length() {
     let mut rng = Rng::new(29);
@@ -187,7 +187,8 @@ fn dx_does_not_depend_on_alignment() {
     for simd in Simd::ALL {
         let w = simd.lanes().max(1);
         // NCHW runs either side of the eight vectors from which `dx` is
-        // written aligned.
+        // written aligned, and two shorter ones whose last elements go
+        // through the narrower widths.
         let runs = [3 * w + 5, 4 * w - 1, 8 * w - 1, 8 * w, 8 * w + 1, 9 * w + 3];
         let long = runs.iter().map(|&s| Shape::nchw(2, 3, s));
         for shape in alignment_shapes(w).into_iter().chain(long) {
