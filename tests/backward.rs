@@ -155,10 +155,11 @@ fn sweep_widths_layouts_lengths() {
     }
 }
 
-/// NCHW runs of every length up to five vectors and one: the whole
-/// vectors, what is left after them in every length (fewer than four
-/// elements one lane at a time, more through the narrower widths), and
-/// runs shorter than a vector.
+/// NCHW runs of every length up to five vectors and one: the groups of
+/// four vectors, the zero to three whole vectors after them, what is left
+/// after those in every length (fewer than four elements one lane at a
+/// time, more through the narrower widths), and runs shorter than a
+/// vector.
 #[test]
 fn nchw_runs_of_every_length() {
     let mut rng = Rng::new(29);
