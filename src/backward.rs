@@ -79,6 +79,16 @@ use wide::f64x4;
 /// on a Cortex-M4 with 64.
 pub(crate) const WINDOW: usize = if SMALL_STACK { 32 } else { 1024 };
 
+/// Channels of the window of NCHW runs when the tensor has at most that
+/// many. Safe Rust zeroes a window on every call (43 KB at [`WINDOW`]),
+/// though the call writes every position it reads: on an AMD Zen 5, NCHW
+/// with 3 to 64 channels at 256 KiB ran up to 1.17 times as fast with this
+/// one (crate bench, default build; native up to 1.09). Not
+/// for periodic tensors: their code (`periodic` and what it calls) is most
+/// of `backward`'s, and a second window size doubled it (+1.1 MB of x86-64
+/// code). One window on small-stack targets.
+const SMALL_WINDOW: usize = if SMALL_STACK { WINDOW } else { 128 };
+
 /// Rows a column group of the sums pass sums in registers before the next
 /// group takes the same rows, when a row needs several groups (wider than
 /// `2 * SLOTS` vectors): the panel's rows are read as that many sequential
@@ -887,37 +897,39 @@ impl Form for Infer {
 // ---------------------------------------------------------------------------
 // Windows
 
-/// The stack state of one window: per-position coefficients, per-channel
-/// `f64` sums, and which window channel each position belongs to. The
+/// The stack state of one window of `WIN` positions ([`WINDOW`], or
+/// [`SMALL_WINDOW`] for NCHW runs of few channels): per-position
+/// coefficients, per-channel `f64` sums, and which window channel each
+/// position belongs to. The
 /// coefficient patterns start on a cache line ([`Line`]), loaded a vector
 /// at a time beside the data.
-struct Win {
-    a: Line<f32, WINDOW>,
-    b: Line<f32, WINDOW>,
-    m: Line<f32, WINDOW>,
-    p: Line<f32, WINDOW>,
-    q: Line<f32, WINDOW>,
-    r: Line<f32, WINDOW>,
-    ch: [u16; WINDOW],
-    sg: [f64; WINDOW],
-    sgd: [f64; WINDOW],
+struct Win<const WIN: usize = WINDOW> {
+    a: Line<f32, WIN>,
+    b: Line<f32, WIN>,
+    m: Line<f32, WIN>,
+    p: Line<f32, WIN>,
+    q: Line<f32, WIN>,
+    r: Line<f32, WIN>,
+    ch: [u16; WIN],
+    sg: [f64; WIN],
+    sgd: [f64; WIN],
     /// Whether position `j` is window channel `j` for every position of
     /// the window (NHWC, and NCHW runs).
     ident: bool,
 }
 
-impl Win {
-    fn new() -> Win {
+impl<const WIN: usize> Win<WIN> {
+    fn new() -> Self {
         Win {
-            a: Line([0.0; WINDOW]),
-            b: Line([0.0; WINDOW]),
-            m: Line([0.0; WINDOW]),
-            p: Line([0.0; WINDOW]),
-            q: Line([0.0; WINDOW]),
-            r: Line([0.0; WINDOW]),
-            ch: [0; WINDOW],
-            sg: [0.0; WINDOW],
-            sgd: [0.0; WINDOW],
+            a: Line([0.0; WIN]),
+            b: Line([0.0; WIN]),
+            m: Line([0.0; WIN]),
+            p: Line([0.0; WIN]),
+            q: Line([0.0; WIN]),
+            r: Line([0.0; WIN]),
+            ch: [0; WIN],
+            sg: [0.0; WIN],
+            sgd: [0.0; WIN],
             ident: false,
         }
     }
@@ -1166,7 +1178,7 @@ impl Win {
         }
         // Spread the channels' coefficients to their positions (none to
         // move where position `j` is channel `j`).
-        let spread = if self.ident { 0 } else { npos.min(WINDOW) };
+        let spread = if self.ident { 0 } else { npos.min(WIN) };
         for j in (0..spread).rev() {
             let k = ch.get(j).copied().unwrap_or(0) as usize;
             if k == j {
@@ -1247,11 +1259,32 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
 }
 
 /// Validated, non-empty input.
-// Never inlined: each mask and mode is an instance with its own window,
-// and an instance inlined into the caller kept its window in the caller's
-// frame below the one it calls (7.0 KB instead of 4.4 KB on a Cortex-M4).
-#[inline(never)]
+#[inline(always)]
 fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
+    io: &mut IO,
+    shape: Shape,
+    params: &Params<'_>,
+    mask: M,
+    form: F,
+    outs: Outs<'_>,
+) {
+    let (s, c) = (shape.spatial, shape.channels);
+    match shape.layout {
+        Layout::Nchw if s >= V::WIDTH && c <= SMALL_WINDOW => {
+            runs::<V, M, F, IO, SMALL_WINDOW>(io, shape, params, mask, form, outs)
+        }
+        Layout::Nchw if s >= V::WIDTH => {
+            runs::<V, M, F, IO, WINDOW>(io, shape, params, mask, form, outs)
+        }
+        _ => walk_periodic::<V, M, F, IO>(io, shape, params, mask, form, outs),
+    }
+}
+
+/// NCHW runs (`s >= V::WIDTH`) with a window of `WIN` channels: one run
+/// per window channel, position `k` is channel `k`.
+// Never inlined, as `walk_periodic`.
+#[inline(never)]
+fn runs<V: Lane, M: Mask, F: Form, IO: Io, const WIN: usize>(
     io: &mut IO,
     shape: Shape,
     params: &Params<'_>,
@@ -1264,47 +1297,62 @@ fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
     let count = (n * s) as f64;
     let mode = F::MODE;
     let masked = params.activation != Activation::None;
-    let mut win = Win::new();
-    match shape.layout {
-        Layout::Nchw if s >= V::WIDTH => {
-            // One run per window channel: position `k` is channel `k`.
-            channels_of(&mut win.ch, WINDOW, 1);
-            let mut c0 = 0;
-            while c0 < c {
-                let cw = (c - c0).min(WINDOW);
-                win.start::<V>(params, c0, cw, cw, masked);
-                let (x, dy) = (io.x(), io.dy());
-                for i in 0..n {
-                    for k in 0..cw {
-                        let r = (i * c + c0 + k) * s..(i * c + c0 + k + 1) * s;
-                        let (Some(xr), Some(dr)) = (x.get(r.clone()), dy.get(r)) else {
-                            continue;
-                        };
-                        let (g, gd) =
-                            run_sums::<V, M>(xr, dr, (win.a[k], win.b[k], win.m[k]), mask);
-                        win.sg[k] += g;
-                        win.sgd[k] += gd;
-                    }
-                }
-                win.finish::<V>(params, mode, count, c0, cw, cw, &mut outs);
-                for i in 0..n {
-                    for k in 0..cw {
-                        let Some(pat) = win.pat(k, k + 1) else {
-                            continue;
-                        };
-                        run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, pat, mask, form);
-                    }
-                }
-                c0 += cw;
+    let mut win = Win::<WIN>::new();
+    channels_of(&mut win.ch, WIN, 1);
+    let mut c0 = 0;
+    while c0 < c {
+        let cw = (c - c0).min(WIN);
+        win.start::<V>(params, c0, cw, cw, masked);
+        let (x, dy) = (io.x(), io.dy());
+        for i in 0..n {
+            for k in 0..cw {
+                let r = (i * c + c0 + k) * s..(i * c + c0 + k + 1) * s;
+                let (Some(xr), Some(dr)) = (x.get(r.clone()), dy.get(r)) else {
+                    continue;
+                };
+                let (g, gd) = run_sums::<V, M>(xr, dr, (win.a[k], win.b[k], win.m[k]), mask);
+                win.sg[k] += g;
+                win.sgd[k] += gd;
             }
         }
-        Layout::Nchw => {
-            periodic::<V, M, F, IO>(io, c * s, s, n, count, params, &mut win, mask, form, outs)
+        win.finish::<V>(params, mode, count, c0, cw, cw, &mut outs);
+        for i in 0..n {
+            for k in 0..cw {
+                let Some(pat) = win.pat(k, k + 1) else {
+                    continue;
+                };
+                run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, pat, mask, form);
+            }
         }
-        Layout::Nhwc => {
-            periodic::<V, M, F, IO>(io, c, 1, n * s, count, params, &mut win, mask, form, outs)
-        }
+        c0 += cw;
     }
+    })
+}
+
+/// Periodic tensors: NHWC, and NCHW with fewer spatial positions than
+/// lanes.
+// Never inlined: each mask and mode is an instance with its own window,
+// and an instance inlined into the caller kept its window in the caller's
+// frame below the one it calls (7.0 KB instead of 4.4 KB on a Cortex-M4).
+#[inline(never)]
+fn walk_periodic<V: Lane, M: Mask, F: Form, IO: Io>(
+    io: &mut IO,
+    shape: Shape,
+    params: &Params<'_>,
+    mask: M,
+    form: F,
+    outs: Outs<'_>,
+) {
+    enabled!(V => {
+    let (n, s, c) = (shape.batch, shape.spatial, shape.channels);
+    let count = (n * s) as f64;
+    let mut win = Win::new();
+    // One call: two were both inlined, the code of `periodic` twice.
+    let (period, dv, rows) = match shape.layout {
+        Layout::Nchw => (c * s, s, n),
+        Layout::Nhwc => (c, 1, n * s),
+    };
+    periodic::<V, M, F, IO>(io, period, dv, rows, count, params, &mut win, mask, form, outs)
     })
 }
 

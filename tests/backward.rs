@@ -334,6 +334,26 @@ fn wide_rows_either_side_of_the_paired_size_limit() {
     }
 }
 
+/// NCHW runs either side of the smaller window's 128 channels (one window
+/// on small-stack targets), against the reference.
+#[test]
+fn nchw_runs_either_side_of_the_small_window() {
+    let mut rng = Rng::new(17);
+    for simd in Simd::ALL {
+        let w = simd.lanes().max(1);
+        for shape in [
+            Shape::nchw(2, 128, 2 * w + 1),
+            Shape::nchw(2, 129, 2 * w + 1),
+            Shape::nchw(1, 128, w),
+        ] {
+            let prob = Problem::new(&mut rng, shape, &[2.0, -40.0], &[1.0, 0.3]);
+            prob.check(simd, Activation::None, Mode::Training, 1);
+            prob.check(simd, Activation::Relu, Mode::Inference, 2);
+            prob.check(simd, Activation::Relu6, Mode::Training, 3);
+        }
+    }
+}
+
 /// A training-mode gradient sums to zero over each channel and is
 /// orthogonal to `x̂` (the batch statistics absorb any shift or scale of the
 /// input): checks that can fail independently of the reference.
