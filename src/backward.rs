@@ -83,9 +83,9 @@ pub(crate) const WINDOW: usize = if SMALL_STACK { 32 } else { 1024 };
 /// many. Safe Rust zeroes a window on every call (43 KB at [`WINDOW`]),
 /// though the call writes every position it reads: on an AMD Zen 5, NCHW
 /// with 3 to 64 channels at 256 KiB ran up to 1.17 times as fast with this
-/// one (crate bench, default build; native up to 1.09). Not
-/// for periodic tensors: their code (`periodic` and what it calls) is most
-/// of `backward`'s, and a second window size doubled it (+1.1 MB of x86-64
+/// one (crate bench, default build; native up to 1.09). Not for periodic
+/// tensors: their code (`periodic` and what it calls) is most of
+/// `backward`'s, and a second window size doubled it (+1.1 MB of x86-64
 /// code). One window on small-stack targets.
 const SMALL_WINDOW: usize = if SMALL_STACK { WINDOW } else { 128 };
 
@@ -900,9 +900,8 @@ impl Form for Infer {
 /// The stack state of one window of `WIN` positions ([`WINDOW`], or
 /// [`SMALL_WINDOW`] for NCHW runs of few channels): per-position
 /// coefficients, per-channel `f64` sums, and which window channel each
-/// position belongs to. The
-/// coefficient patterns start on a cache line ([`Line`]), loaded a vector
-/// at a time beside the data.
+/// position belongs to. The coefficient patterns start on a cache line
+/// ([`Line`]), loaded a vector at a time beside the data.
 struct Win<const WIN: usize = WINDOW> {
     a: Line<f32, WIN>,
     b: Line<f32, WIN>,
@@ -1258,7 +1257,9 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
     a
 }
 
-/// Validated, non-empty input.
+/// Validated, non-empty input: NCHW runs ([`runs`], with a window of
+/// [`SMALL_WINDOW`] channels where there are at most that many) or a
+/// periodic tensor ([`walk_periodic`]).
 #[inline(always)]
 fn walk<V: Lane, M: Mask, F: Form, IO: Io>(
     io: &mut IO,
@@ -1478,7 +1479,7 @@ fn sum_step<V: Lane, M: Mask>(mask: M, x: V, dy: V, (a, b, m): (V, V, V), s: &mu
 /// driver looping `backward` in training mode (AMD Zen 5, native build)
 /// ran such runs at 62-63 GB/s, now 72-75.
 ///
-/// Always inlined into [`walk`], whose body runs inside the lane type's
+/// Always inlined into [`runs`], whose body runs inside the lane type's
 /// [`Lane::enabled`]: called once per run, a function of its own (with
 /// its own trampoline) cost a call per run of 65 elements, and the default
 /// x86-64 build took 1.5 times the native build's time for 1000 channels.
@@ -1885,7 +1886,7 @@ fn sums_group<V: Lane, M: Mask, const NV: usize>(
 // Pass 2: dx
 
 /// `dx` of one contiguous run with one channel's coefficients (`pat` of
-/// length 1). Always inlined into [`walk`], as [`run_sums`] is.
+/// length 1). Always inlined into [`runs`], as [`run_sums`] is.
 #[inline(always)]
 fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     io: &mut IO,
