@@ -4,7 +4,9 @@
 //! SIMD rooflines over the same bytes (`roofline_read2`: four-accumulator
 //! sums of both inputs; `roofline_rw2`: `dx = x * a + dy * b`). `ratios.py`
 //! adds the two rooflines' times into the limit. Both layouts, C in {3, 16,
-//! 64, 256, 1000}, 256 KiB / 8 MiB / 64 MiB of `x` (see `common::sizes`).
+//! 64, 256, 1000}, 256 KiB / 8 MiB / 64 MiB of `x` (see `common::sizes`),
+//! and groups `backward/Nchw/runs49` and `runs196`: one image of 1326
+//! channels of 7 x 7 and 332 of 14 x 14 (about 256 KiB each).
 //!
 //! NHWC rows wider than one column group of `common::GROUP` vectors (C = 64
 //! and up with 16 vector registers, 256 and up with 32) also time
@@ -18,9 +20,12 @@
 //! `cargo bench -p batchnorm-benches --bench backward`; ratios: `python3 benches/ratios.py`.
 mod common;
 
-use batchnorm::{Activation, Gradients, Layout, Mode, Params};
+use batchnorm::{Activation, Gradients, Layout, Mode, Params, Shape};
 use common::*;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use std::hint::black_box;
 
 /// Read roofline over two inputs: four independent accumulators per input.
@@ -118,85 +123,102 @@ fn bound_relu(x: &[f32], dy: &[f32], dx: &mut [f32]) -> f32 {
     ((s[0] + s[1]) + (s[2] + s[3]) + (t[0] + t[1]) + (t[2] + t[3])).reduce_add()
 }
 
+/// NCHW shapes of one image whose runs are those of real networks' late
+/// layers (7 x 7 and 14 x 14 images), each about 256 KiB of `x`: the
+/// per-run costs (a reduction, a tail, the coefficients) that the
+/// C = 1000 rows spread over runs of 65 weigh most here.
+const RUNS: [(usize, usize); 2] = [(1326, 49), (332, 196)];
+
 fn bench(cr: &mut Criterion) {
-    let simd = simd();
     for layout in [Layout::Nhwc, Layout::Nchw] {
         for &c in &CHANNELS {
             let mut group = cr.benchmark_group(format!("backward/{layout:?}/C{c}"));
             for bytes in sizes() {
-                let shape = shape(layout, c, bytes);
-                let len = shape.len().unwrap();
-                let xb = input(len);
-                let x = &xb[1..];
-                let dyv: Vec<f32> = input(len + 3)[3..].iter().map(|v| v - 9.0).collect();
-                let dyb = placed(&dyv, dy_at());
-                let dy = &dyb[1..len + 1];
-                let mut out = output(len);
-                let mut mean = vec![0.0f32; c];
-                let mut var = vec![0.0f32; c];
-                batchnorm::moments(x, shape, &mut mean, &mut var).unwrap();
-                let scale = vec![1.25f32; c];
-                let offset = vec![0.5f32; c];
-                let (mut ds, mut dof) = (vec![0.0f32; c], vec![0.0f32; c]);
-                let p = Params {
-                    mean: &mean,
-                    variance: &var,
-                    scale: Some(&scale),
-                    offset: Some(&offset),
-                    epsilon: 1e-3,
-                    activation: Activation::None,
-                };
-                // x and dy are read: two streams of `bytes`.
-                group.throughput(Throughput::Bytes(2 * (len * 4) as u64));
                 configure(&mut group, bytes);
-                let id = label(bytes);
-                group.bench_function(BenchmarkId::new("roofline_read2", &id), |b| {
-                    b.iter(|| black_box(roofline_read2(black_box(x), black_box(dy))))
-                });
-                group.bench_function(BenchmarkId::new("roofline_rw2", &id), |b| {
-                    b.iter(|| roofline_rw2(black_box(x), black_box(dy), &mut out[1..]))
-                });
-                group.bench_function(BenchmarkId::new("bound_relu", &id), |b| {
-                    b.iter(|| black_box(bound_relu(black_box(x), black_box(dy), &mut out[1..])))
-                });
-                if layout == Layout::Nhwc && c > GROUP * LANES {
-                    let (mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c]);
-                    let (bp, bq, br) = (vec![0.75f32; c], vec![-0.5f32; c], vec![0.25f32; c]);
-                    group.bench_function(BenchmarkId::new("bound_backward", &id), |b| {
-                        b.iter(|| {
-                            bound_backward(
-                                (black_box(x), black_box(dy), &mut out[1..]),
-                                (&mut s, &mut t),
-                                (&bp, &bq, &br),
-                            );
-                            black_box((&s, &t));
-                        })
-                    });
-                }
-                for (name, mode, act) in [
-                    ("backward", Mode::Training, Activation::None),
-                    ("backward_relu", Mode::Training, Activation::Relu),
-                    ("backward_infer", Mode::Inference, Activation::None),
-                ] {
-                    let p = Params {
-                        activation: act,
-                        ..p
-                    };
-                    group.bench_function(BenchmarkId::new(name, &id), |b| {
-                        b.iter(|| {
-                            let g = Gradients {
-                                dx: &mut out[1..],
-                                dscale: &mut ds,
-                                doffset: &mut dof,
-                            };
-                            simd.backward(black_box(x), black_box(dy), shape, &p, mode, g)
-                                .unwrap()
-                        })
-                    });
-                }
+                cell(&mut group, shape(layout, c, bytes), &label(bytes));
             }
             group.finish();
         }
+    }
+    for (c, hw) in RUNS {
+        let mut group = cr.benchmark_group(format!("backward/Nchw/runs{hw}"));
+        configure(&mut group, c * hw * 4);
+        cell(&mut group, Shape::nchw(1, c, hw), &format!("C{c}"));
+        group.finish();
+    }
+}
+
+/// Every function of one cell: the two rooflines, the bounds that apply,
+/// and `backward` in its three modes, on `x` of `shape`, misaligned.
+fn cell(group: &mut BenchmarkGroup<'_, WallTime>, shape: Shape, id: &str) {
+    let simd = simd();
+    let (layout, c) = (shape.layout, shape.channels);
+    let len = shape.len().unwrap();
+    let xb = input(len);
+    let x = &xb[1..];
+    let dyv: Vec<f32> = input(len + 3)[3..].iter().map(|v| v - 9.0).collect();
+    let dyb = placed(&dyv, dy_at());
+    let dy = &dyb[1..len + 1];
+    let mut out = output(len);
+    let mut mean = vec![0.0f32; c];
+    let mut var = vec![0.0f32; c];
+    batchnorm::moments(x, shape, &mut mean, &mut var).unwrap();
+    let scale = vec![1.25f32; c];
+    let offset = vec![0.5f32; c];
+    let (mut ds, mut dof) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let p = Params {
+        mean: &mean,
+        variance: &var,
+        scale: Some(&scale),
+        offset: Some(&offset),
+        epsilon: 1e-3,
+        activation: Activation::None,
+    };
+    // x and dy are read: two streams of `bytes`.
+    group.throughput(Throughput::Bytes(2 * (len * 4) as u64));
+    group.bench_function(BenchmarkId::new("roofline_read2", id), |b| {
+        b.iter(|| black_box(roofline_read2(black_box(x), black_box(dy))))
+    });
+    group.bench_function(BenchmarkId::new("roofline_rw2", id), |b| {
+        b.iter(|| roofline_rw2(black_box(x), black_box(dy), &mut out[1..]))
+    });
+    group.bench_function(BenchmarkId::new("bound_relu", id), |b| {
+        b.iter(|| black_box(bound_relu(black_box(x), black_box(dy), &mut out[1..])))
+    });
+    if layout == Layout::Nhwc && c > GROUP * LANES {
+        let (mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c]);
+        let (bp, bq, br) = (vec![0.75f32; c], vec![-0.5f32; c], vec![0.25f32; c]);
+        group.bench_function(BenchmarkId::new("bound_backward", id), |b| {
+            b.iter(|| {
+                bound_backward(
+                    (black_box(x), black_box(dy), &mut out[1..]),
+                    (&mut s, &mut t),
+                    (&bp, &bq, &br),
+                );
+                black_box((&s, &t));
+            })
+        });
+    }
+    for (name, mode, act) in [
+        ("backward", Mode::Training, Activation::None),
+        ("backward_relu", Mode::Training, Activation::Relu),
+        ("backward_infer", Mode::Inference, Activation::None),
+    ] {
+        let p = Params {
+            activation: act,
+            ..p
+        };
+        group.bench_function(BenchmarkId::new(name, id), |b| {
+            b.iter(|| {
+                let g = Gradients {
+                    dx: &mut out[1..],
+                    dscale: &mut ds,
+                    doffset: &mut dof,
+                };
+                simd.backward(black_box(x), black_box(dy), shape, &p, mode, g)
+                    .unwrap()
+            })
+        });
     }
 }
 
