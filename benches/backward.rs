@@ -14,8 +14,10 @@
 //! training mode: the simplest two passes in the access pattern such rows
 //! force (their two sums per vector do not fit the registers), doing
 //! strictly less than the crate (no shift, no blocks, no `f64`, no mask,
-//! three coefficients instead of four). `ratios.py` reports limit / bound
-//! beside the `backward` and `backward_relu` rows.
+//! three coefficients instead of four). NCHW cells time `bound_runs`
+//! instead, the same two passes run by run (a reduction and a tail per
+//! run). `ratios.py` reports limit / bound beside the `backward` and
+//! `backward_relu` rows.
 //!
 //! `cargo bench -p batchnorm-benches --bench backward`; ratios: `python3 benches/ratios.py`.
 mod common;
@@ -79,6 +81,72 @@ fn bound_backward(
         }
         for j in nv * LANES..c {
             or[j] = dr[j] * p[j] + (xr[j] * q[j] + r[j]);
+        }
+    }
+}
+
+/// The structural bound of training mode on NCHW runs of `s >= LANES`
+/// elements: the simplest two passes that go run by run, as the crate's
+/// do. Pass 1, per run: `dy` and
+/// `dy * x` in four accumulator pairs over groups of four vectors, the
+/// whole vectors after the last group into the first pair, one reduction
+/// of each sum per run, the elements after the last whole vector one at a
+/// time, the two sums added to the run's channel in `f32`. Pass 2, per run:
+/// `dx = dy * p + (x * q + r)` with the channel's three coefficients
+/// splatted, then the elements after the last whole vector one at a time.
+/// Strictly less than the crate (no shift, no mask, no `f64`, no blocks,
+/// no coefficients computed between the passes, no aligned stores): what
+/// is left between this and the limit is what runs of `s` cost a kernel
+/// that goes run by run (a reduction, a tail and a loop's start and end
+/// per run).
+#[inline(never)]
+fn bound_runs(
+    (x, dy, dx): (&[f32], &[f32], &mut [f32]),
+    s: usize,
+    (sg, sgd): (&mut [f32], &mut [f32]),
+    (p, q, r): (&[f32], &[f32], &[f32]),
+) {
+    let c = p.len();
+    let zero = Native::splat(0.0);
+    // Channels by a counter that wraps, not `j % c`: a division per run.
+    let runs = x.chunks_exact(s).zip(dy.chunks_exact(s));
+    for ((xr, dr), ch) in runs.zip((0..c).cycle()) {
+        let (mut a, mut b) = ([zero; 4], [zero; 4]);
+        let (xs, ds) = (xr.chunks_exact(4 * LANES), dr.chunks_exact(4 * LANES));
+        let (xl, dl) = (xs.remainder(), ds.remainder());
+        for (xc, dc) in xs.zip(ds) {
+            for k in 0..4 {
+                let (xv, dv) = (load(&xc[k * LANES..]), load(&dc[k * LANES..]));
+                a[k] += dv;
+                b[k] = dv.mul_add(xv, b[k]);
+            }
+        }
+        let (xs, ds) = (xl.chunks_exact(LANES), dl.chunks_exact(LANES));
+        let (xt, dt) = (xs.remainder(), ds.remainder());
+        for (xc, dc) in xs.zip(ds) {
+            let (xv, dv) = (load(xc), load(dc));
+            a[0] += dv;
+            b[0] = dv.mul_add(xv, b[0]);
+        }
+        let mut g = ((a[0] + a[1]) + (a[2] + a[3])).reduce_add();
+        let mut gd = ((b[0] + b[1]) + (b[2] + b[3])).reduce_add();
+        for (&xe, &de) in xt.iter().zip(dt) {
+            g += de;
+            gd += de * xe;
+        }
+        sg[ch] += g;
+        sgd[ch] += gd;
+    }
+    let runs = x.chunks_exact(s).zip(dy.chunks_exact(s));
+    for (((xr, dr), or), ch) in runs.zip(dx.chunks_exact_mut(s)).zip((0..c).cycle()) {
+        let (ps, qs, rs) = (p[ch], q[ch], r[ch]);
+        let (pv, qv, rv) = (Native::splat(ps), Native::splat(qs), Native::splat(rs));
+        let ins = xr.chunks_exact(LANES).zip(dr.chunks_exact(LANES));
+        for ((xc, dc), oc) in ins.zip(or.chunks_exact_mut(LANES)) {
+            store(load(dc).mul_add(pv, load(xc).mul_add(qv, rv)), oc);
+        }
+        for t in s / LANES * LANES..s {
+            or[t] = dr[t] * ps + (xr[t] * qs + rs);
         }
     }
 }
@@ -185,9 +253,22 @@ fn cell(group: &mut BenchmarkGroup<'_, WallTime>, shape: Shape, id: &str) {
     group.bench_function(BenchmarkId::new("bound_relu", id), |b| {
         b.iter(|| black_box(bound_relu(black_box(x), black_box(dy), &mut out[1..])))
     });
+    let (mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let (bp, bq, br) = (vec![0.75f32; c], vec![-0.5f32; c], vec![0.25f32; c]);
+    if layout == Layout::Nchw && shape.spatial >= LANES {
+        group.bench_function(BenchmarkId::new("bound_runs", id), |b| {
+            b.iter(|| {
+                bound_runs(
+                    (black_box(x), black_box(dy), &mut out[1..]),
+                    shape.spatial,
+                    (&mut s, &mut t),
+                    (&bp, &bq, &br),
+                );
+                black_box((&s, &t));
+            })
+        });
+    }
     if layout == Layout::Nhwc && c > GROUP * LANES {
-        let (mut s, mut t) = (vec![0.0f32; c], vec![0.0f32; c]);
-        let (bp, bq, br) = (vec![0.75f32; c], vec![-0.5f32; c], vec![0.25f32; c]);
         group.bench_function(BenchmarkId::new("bound_backward", id), |b| {
             b.iter(|| {
                 bound_backward(

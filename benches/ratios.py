@@ -29,10 +29,10 @@ bound = limit time / structural-bound time, where the group measured one
 the kernel's three operations per vector in the roofline's pattern;
 `bound_affine` for affine,
 normalize and infer; for train the moments bound and `bound_affine` added, a
-roofline standing in for a pass without one; `bound_backward` of
-benches/backward.rs for backward and backward_relu, and for backward_relu
-the slower of it and `bound_relu`, the mask's six operations per vector in
-each pass): the share of the limit that the simplest kernel in the same
+roofline standing in for a pass without one; `bound_backward` (NHWC wide
+rows) or `bound_runs` (NCHW runs) of benches/backward.rs for backward and
+backward_relu, and for backward_relu the slower of it and `bound_relu`, the
+mask's six operations per vector in each pass): the share of the limit that the simplest kernel in the same
 access pattern, doing less than the crate's, reaches. A ratio near the
 bound and a bound under the target means the layout, not the kernel, holds
 the row back. The scalar baselines of the moments bench (reference_f64,
@@ -125,13 +125,14 @@ def bound_for(func, funcs):
         if (first or affine) and read and rw:
             return (first or read[1]) + (affine or rw)[1]
         return None
+    # The access pattern's bound: NHWC wide rows, or NCHW runs.
+    back = funcs.get("bound_backward") or funcs.get("bound_runs")
     if func == "backward":
-        back = funcs.get("bound_backward")
         return back[1] if back else None
     if func == "backward_relu":
-        # The wide rows' access pattern and the mask's operations: the
-        # slower of the two bounds holds.
-        both = (funcs.get("bound_backward"), funcs.get("bound_relu"))
+        # The access pattern and the mask's operations: the slower of the
+        # two bounds holds.
+        both = (back, funcs.get("bound_relu"))
         return max((b[1] for b in both if b), default=None)
     if func.startswith(RW_KERNELS):
         return affine[1] if affine else None

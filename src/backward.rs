@@ -1306,11 +1306,15 @@ fn runs<V: Lane, M: Mask, F: Form, IO: Io, const WIN: usize>(
         win.start::<V>(params, c0, cw, cw, masked);
         let (x, dy) = (io.x(), io.dy());
         for i in 0..n {
-            for k in 0..cw {
-                let r = (i * c + c0 + k) * s..(i * c + c0 + k + 1) * s;
-                let (Some(xr), Some(dr)) = (x.get(r.clone()), dy.get(r)) else {
-                    continue;
-                };
+            // The window's runs of image `i` cut from one span, not each
+            // range checked on its own (`s >= V::WIDTH`: the `max` only
+            // keeps `chunks_exact`'s panic for a zero length out).
+            let span = (i * c + c0) * s..(i * c + c0 + cw) * s;
+            let (Some(xi), Some(di)) = (x.get(span.clone()), dy.get(span)) else {
+                continue;
+            };
+            let runs = xi.chunks_exact(s.max(1)).zip(di.chunks_exact(s.max(1)));
+            for (k, (xr, dr)) in (0..cw).zip(runs) {
                 let (g, gd) = run_sums::<V, M>(xr, dr, (win.a[k], win.b[k], win.m[k]), mask);
                 win.sg[k] += g;
                 win.sgd[k] += gd;
@@ -1319,10 +1323,15 @@ fn runs<V: Lane, M: Mask, F: Form, IO: Io, const WIN: usize>(
         win.finish::<V>(params, mode, count, c0, cw, cw, &mut outs);
         for i in 0..n {
             for k in 0..cw {
-                let Some(pat) = win.pat(k, k + 1) else {
-                    continue;
+                let one = Coefs {
+                    a: win.a[k],
+                    b: win.b[k],
+                    m: win.m[k],
+                    p: win.p[k],
+                    q: win.q[k],
+                    r: win.r[k],
                 };
-                run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, pat, mask, form);
+                run_dx::<V, M, F, IO>(io, (i * c + c0 + k) * s, s, one, mask, form);
             }
         }
         c0 += cw;
@@ -1885,25 +1894,25 @@ fn sums_group<V: Lane, M: Mask, const NV: usize>(
 // ---------------------------------------------------------------------------
 // Pass 2: dx
 
-/// `dx` of one contiguous run with one channel's coefficients (`pat` of
-/// length 1). Always inlined into [`runs`], as [`run_sums`] is.
+/// `dx` of one contiguous run with one channel's coefficients `one`, read
+/// from the window once (not sliced out of it again for the tail). Always
+/// inlined into [`runs`], as [`run_sums`] is.
 #[inline(always)]
 fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
     io: &mut IO,
     start: usize,
     len: usize,
-    pat: Pat<'_>,
+    one: Coefs<f32>,
     mask: M,
     form: F,
 ) {
-    let one = |s: &[f32]| V::splat(s.first().copied().unwrap_or(0.0));
     let k = Coefs {
-        a: one(pat.a),
-        b: one(pat.b),
-        m: one(pat.m),
-        p: one(pat.p),
-        q: one(pat.q),
-        r: one(pat.r),
+        a: V::splat(one.a),
+        b: V::splat(one.b),
+        m: V::splat(one.m),
+        p: V::splat(one.p),
+        q: V::splat(one.q),
+        r: V::splat(one.r),
     };
     if aligns::<V>(len) && len >= RUN_ALIGN_MIN_VECTORS * V::WIDTH {
         return aligned_run_dx::<V, M, F, IO>(io, start, len, k, mask, form);
@@ -1913,9 +1922,9 @@ fn run_dx<V: Lane, M: Mask, F: Form, IO: Io>(
         form.dx(mask.keep(x, k.a, k.b, dy), x, k)
     });
     if V::WIDTH > 1 && whole + 4 <= len {
-        run_dx::<V::Half, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
+        run_dx::<V::Half, M, F, IO>(io, start + whole, len - whole, one, mask, form);
     } else if V::WIDTH > 1 && whole < len {
-        run_dx::<f32, M, F, IO>(io, start + whole, len - whole, pat, mask, form);
+        run_dx::<f32, M, F, IO>(io, start + whole, len - whole, one, mask, form);
     }
 }
 

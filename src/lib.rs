@@ -151,7 +151,7 @@
 //! selection](#run-time-selection-on-x86-64)). CI
 //! measures, on `thumbv7em-none-eabihf` (Cortex-M4F) under
 //! `qemu-system-arm`, the stack of every kernel (at most 4 KiB for any
-//! shape: 3.5 KB for a training step, 3.1 KB for its backward pass) and the
+//! shape: 3.5 KB for a training step, 2.7 KB for its backward pass) and the
 //! flash of an inference-only binary (5.8 KB of `.text`) and of a training
 //! one (22.2 KB), and checks every kernel's results on the device.
 //!

@@ -26,7 +26,8 @@
 //!   three operations per vector cannot keep up with L2.
 //! * `bound_backward` (training-mode backward, in `benches/backward.rs`):
 //!   the two passes of the first two bounds over two inputs, for NHWC rows
-//!   wider than one column group of [`GROUP`] vectors.
+//!   wider than one column group of [`GROUP`] vectors; `bound_runs`, the
+//!   same run by run for NCHW.
 //!
 //! Both use the widest `wide` type the build runs natively (the same one
 //! `Simd::detect()` picks in a native build).
