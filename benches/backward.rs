@@ -87,11 +87,11 @@ fn bound_backward(
 
 /// The structural bound of training mode on NCHW runs of `s >= LANES`
 /// elements: the simplest two passes that go run by run, as the crate's
-/// do. Pass 1, per run: `dy` and
-/// `dy * x` in four accumulator pairs over groups of four vectors, the
-/// whole vectors after the last group into the first pair, one reduction
-/// of each sum per run, the elements after the last whole vector one at a
-/// time, the two sums added to the run's channel in `f32`. Pass 2, per run:
+/// do. Pass 1, per run: `dy` and `dy * x` in four accumulator pairs over
+/// groups of four vectors, the whole vectors after the last group into the
+/// first pair, one reduction of each sum per run, the elements after the
+/// last whole vector one at a time, the two sums added to the run's
+/// channel in `f32`. Pass 2, per run:
 /// `dx = dy * p + (x * q + r)` with the channel's three coefficients
 /// splatted, then the elements after the last whole vector one at a time.
 /// Strictly less than the crate (no shift, no mask, no `f64`, no blocks,

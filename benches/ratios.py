@@ -32,8 +32,9 @@ normalize and infer; for train the moments bound and `bound_affine` added, a
 roofline standing in for a pass without one; `bound_backward` (NHWC wide
 rows) or `bound_runs` (NCHW runs) of benches/backward.rs for backward and
 backward_relu, and for backward_relu the slower of it and `bound_relu`, the
-mask's six operations per vector in each pass): the share of the limit that the simplest kernel in the same
-access pattern, doing less than the crate's, reaches. A ratio near the
+mask's six operations per vector in each pass): the share of the limit
+that the simplest kernel in the same access pattern, doing less than the
+crate's, reaches. A ratio near the
 bound and a bound under the target means the layout, not the kernel, holds
 the row back. The scalar baselines of the moments bench (reference_f64,
 naive_welford) are rows only with --all.
